@@ -1,0 +1,151 @@
+"""The one place that talks to ComfyUI. Every import of ComfyUI is lazy and has a plain-torch fallback,
+so every node also runs (and is tested) without ComfyUI installed."""
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+
+MODELS_ENV = "HARMONIZE_MODELS_DIR"  # models root used when ComfyUI is not importable (tests, CLI)
+
+# Model folders the pack registers with ComfyUI, next to the built-in ones it also reads.
+PACK_FOLDERS = ("diffharmony", "pidinet", "harmony_evaluator")
+
+
+def _comfy(name: str):
+    """Import a ComfyUI module, or return None outside ComfyUI."""
+    try:
+        import importlib
+
+        return importlib.import_module(name)
+    except Exception:  # not in ComfyUI, or ComfyUI failed to import: plain torch behaviour
+        return None
+
+
+def in_comfy() -> bool:
+    return _comfy("folder_paths") is not None and _comfy("comfy.model_management") is not None
+
+
+# ----------------------------------------------------------------------------------------- progress
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception when the user pressed cancel (no-op outside ComfyUI)."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """``callback(step, total)`` for pipeline loops: drives ComfyUI's progress bar and is a cancel point."""
+
+    def __init__(self, total: int):
+        self.total = max(int(total), 1)
+        utils = _comfy("comfy.utils")
+        self._bar = utils.ProgressBar(self.total) if utils is not None else None
+        self.steps = 0
+
+    def __call__(self, step: int | None = None, total: int | None = None) -> None:
+        check_interrupt()
+        self.steps = self.steps + 1 if step is None else int(step)
+        if total is not None:
+            self.total = max(int(total), 1)
+        if self._bar is not None:
+            self._bar.update_absolute(min(self.steps, self.total), self.total)
+
+
+# ------------------------------------------------------------------------------------------ devices
+def torch_device() -> torch.device:
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        return mm.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def offload_device() -> torch.device:
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        return mm.unet_offload_device()
+    return torch.device("cpu")
+
+
+def intermediate_device() -> torch.device:
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        return mm.intermediate_device()
+    return torch.device("cpu")
+
+
+_patchers: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def load_to_device(module: torch.nn.Module) -> torch.device:
+    """Put ``module`` on the compute device. In ComfyUI it is handed to model management (wrapped in a
+    ModelPatcher once), which accounts for its memory and may evict it or other models later; outside
+    ComfyUI it is simply moved. Returns the device to compute on."""
+    device = torch_device()
+    mm = _comfy("comfy.model_management")
+    mp = _comfy("comfy.model_patcher")
+    if mm is not None and mp is not None:
+        patcher = _patchers.get(module)
+        if patcher is None:
+            patcher = mp.ModelPatcher(module, load_device=device, offload_device=offload_device())
+            _patchers[module] = patcher
+        mm.load_models_gpu([patcher])
+        return device
+    module.to(device)
+    return device
+
+
+def soft_empty_cache() -> None:
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """auto precision: fp16 (or bf16 where ComfyUI prefers it) on CUDA, fp32 elsewhere."""
+    if device.type != "cuda":
+        return torch.float32
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        try:
+            if mm.should_use_bf16(device):
+                return torch.bfloat16
+        except Exception:
+            pass
+    return torch.float16
+
+
+# ------------------------------------------------------------------------------------ model folders
+def register_model_folders() -> None:
+    """Register the pack's model folders (models/diffharmony, ...) with ComfyUI."""
+    fp = _comfy("folder_paths")
+    if fp is None:
+        return
+    for name in PACK_FOLDERS:
+        path = os.path.join(fp.models_dir, name)
+        if name not in getattr(fp, "folder_names_and_paths", {}):
+            fp.add_model_folder_path(name, path)
+
+
+def model_roots(kind: str) -> list[str]:
+    """Folders searched for models of ``kind`` (a ComfyUI folder name such as "diffharmony")."""
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        try:
+            return [p for p in fp.get_folder_paths(kind) if p]
+        except Exception:
+            return [os.path.join(fp.models_dir, kind)]
+    root = os.environ.get(MODELS_ENV) or os.path.join(os.getcwd(), "models")
+    return [os.path.join(root, kind)]
+
+
+def comfy_tokenizer_dir() -> str | None:
+    """ComfyUI's bundled CLIP BPE tokenizer (comfy/sd1_tokenizer), when ComfyUI is importable."""
+    comfy = _comfy("comfy")
+    if comfy is None or not getattr(comfy, "__file__", None):
+        return None
+    path = os.path.join(os.path.dirname(comfy.__file__), "sd1_tokenizer")
+    return path if os.path.isfile(os.path.join(path, "vocab.json")) else None

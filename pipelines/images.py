@@ -1,0 +1,182 @@
+"""ComfyUI image/mask conventions, validation, resizing and pasting.
+
+IMAGE is ``[B, H, W, C]`` float in 0..1, MASK is ``[B, H, W]`` (or ``[H, W]``) in 0..1. Functions here
+never modify their inputs.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+ASPECT_TOLERANCE = 0.02  # relative difference of aspect ratios up to which a mask is simply resized
+
+
+def image_batch(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """Return ``[B, H, W, 3]`` float32 from an IMAGE-like tensor (HWC or BHWC; 1, 3 or 4 channels)."""
+    if not isinstance(image, torch.Tensor):
+        raise InputError(f"{name} must be a torch tensor [B,H,W,C], got {type(image).__name__}")
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if image.dim() != 4:
+        raise InputError(f"{name} must have shape [B,H,W,C] (ComfyUI IMAGE), got {tuple(image.shape)}")
+    b, h, w, c = image.shape
+    if b == 0 or h == 0 or w == 0:
+        raise InputError(f"{name} is empty: shape {tuple(image.shape)}")
+    if c == 1:
+        image = image.expand(b, h, w, 3)
+    elif c == 4:
+        image = image[..., :3]
+    elif c != 3:
+        raise InputError(f"{name} must have 1 (grey), 3 (RGB) or 4 (RGBA) channels, got {c} in shape {tuple(image.shape)}")
+    image = image.float()
+    if not torch.isfinite(image).all():
+        raise InputError(f"{name} contains NaN or infinite values")
+    return image
+
+
+def mask_batch(mask: torch.Tensor, height: int, width: int, name: str = "mask") -> torch.Tensor:
+    """Return ``[B, height, width]`` float32 in 0..1. A mask of another size but the same aspect ratio is
+    resized (bilinear); a different aspect ratio is an error."""
+    if not isinstance(mask, torch.Tensor):
+        raise InputError(f"{name} must be a torch tensor [B,H,W], got {type(mask).__name__}")
+    if mask.dim() == 4 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if mask.dim() == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    if mask.dim() != 3:
+        raise InputError(f"{name} must have shape [B,H,W] or [H,W] (ComfyUI MASK), got {tuple(mask.shape)}")
+    mask = mask.float().clamp(0, 1)
+    mh, mw = mask.shape[-2:]
+    if (mh, mw) != (height, width):
+        if mh == 0 or mw == 0:
+            raise InputError(f"{name} is empty: shape {tuple(mask.shape)}")
+        ratio = (mw / mh) / (width / height)
+        if abs(ratio - 1.0) > ASPECT_TOLERANCE:
+            raise InputError(
+                f"{name} is {mw}x{mh} (WxH) but the image is {width}x{height}: the aspect ratios differ, so the "
+                f"mask cannot be resized to fit. Expected a mask of the image's size (or the same aspect ratio)."
+            )
+        mask = F.interpolate(mask[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+    return mask
+
+
+def match_batches(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Broadcast a batch of 1 against the other; different batch sizes > 1 are an error."""
+    bi, bm = images.shape[0], masks.shape[0]
+    if bi == bm:
+        return images, masks
+    if bm == 1:
+        return images, masks.expand(bi, *masks.shape[1:])
+    if bi == 1:
+        return images.expand(bm, *images.shape[1:]), masks
+    raise InputError(
+        f"batch mismatch: {bi} images but {bm} masks. Expected one mask for all images, "
+        f"one mask per image, or one image with several masks."
+    )
+
+
+def image_and_mask(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate an IMAGE + MASK pair and return them as matching ``[B,H,W,3]`` / ``[B,H,W]`` batches."""
+    image = image_batch(image)
+    mask = mask_batch(mask, image.shape[1], image.shape[2])
+    return match_batches(image, mask)
+
+
+def empty_masks(mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Bool ``[B]``: which masks select no pixel at ``threshold``."""
+    return ~(mask >= threshold).flatten(1).any(dim=1)
+
+
+def warn_empty(mask: torch.Tensor, what: str) -> torch.Tensor:
+    """Warn when some masks are empty; return the bool ``[B]`` of empty masks."""
+    empty = empty_masks(mask)
+    if bool(empty.any()):
+        idx = empty.nonzero().flatten().tolist()
+        warnings.warn(f"{what}: mask {idx} selects no pixel (>= 0.5); that composite is returned unchanged")
+    return empty
+
+
+def fit_size(height: int, width: int, long_side: int, multiple: int = 8, square: bool = False) -> tuple[int, int]:
+    """Working size: the long side becomes ``long_side`` keeping the aspect ratio, both sides rounded to a
+    multiple of ``multiple`` (at least one multiple). ``square`` gives ``long_side x long_side``, as the
+    official DiffHarmony code does."""
+    if long_side < multiple or long_side % multiple:
+        raise InputError(f"resolution must be a positive multiple of {multiple}, got {long_side}")
+    if square:
+        return long_side, long_side
+    scale = long_side / max(height, width)
+    h = max(multiple, int(round(height * scale / multiple)) * multiple)
+    w = max(multiple, int(round(width * scale / multiple)) * multiple)
+    return h, w
+
+
+def to_nchw(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+def to_nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+def resize_nchw(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize ``[B,C,H,W]``; bilinear is antialiased (as PIL / the official preprocessing)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+
+
+def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize an IMAGE batch ``[B,H,W,C]`` to ``size`` (H, W)."""
+    return to_nhwc(resize_nchw(to_nchw(images), size)).clamp(0, 1)
+
+
+def resize_masks(masks: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    return resize_nchw(masks[:, None], size, mode)[:, 0].clamp(0, 1)
+
+
+def to_signed(images_bhwc: torch.Tensor) -> torch.Tensor:
+    """IMAGE ``[B,H,W,C]`` 0..1 -> ``[B,C,H,W]`` in -1..1."""
+    return to_nchw(images_bhwc) * 2.0 - 1.0
+
+
+def from_signed(x_nchw: torch.Tensor) -> torch.Tensor:
+    """``[B,C,H,W]`` in -1..1 -> IMAGE ``[B,H,W,C]`` 0..1 (clamped), float32 on the CPU."""
+    return to_nhwc((x_nchw.float() / 2 + 0.5).clamp(0, 1)).cpu().contiguous()
+
+
+def feather_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Soften the mask edge *inwards* by ``radius`` pixels: the result is never larger than the mask,
+    so pixels outside the mask stay untouched when pasting."""
+    if radius <= 0:
+        return mask
+    import kornia
+
+    m = mask[:, None]
+    kernel = torch.ones(2 * radius + 1, 2 * radius + 1, dtype=m.dtype)
+    eroded = kornia.morphology.erosion(m, kernel, border_type="constant", border_value=1.0)
+    sigma = max(radius / 2.0, 0.5)
+    ksize = 2 * int(math.ceil(2 * sigma)) + 1
+    blurred = kornia.filters.gaussian_blur2d(eroded, (ksize, ksize), (sigma, sigma), border_type="replicate")
+    return torch.minimum(blurred, m)[:, 0]
+
+
+def paste(harmonized: torch.Tensor, composite: torch.Tensor, mask: torch.Tensor, feather: int = 0) -> torch.Tensor:
+    """Blend ``harmonized`` (any size, resized to the composite's) into ``composite`` inside ``mask``.
+
+    Pixels where the mask is 0 are copied from the composite bit for bit. Images ``[B,H,W,3]``, mask
+    ``[B,H,W]`` at the composite's size.
+    """
+    h, w = composite.shape[1:3]
+    harmonized = resize_images(harmonized, (h, w))
+    m = feather_mask(mask, feather)[..., None]
+    blended = harmonized * m + composite * (1 - m)
+    return torch.where(m > 0, blended, composite)
