@@ -15,6 +15,7 @@ steps), so the stage nodes and the all-in-one node give the same result for the 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -141,6 +142,7 @@ def sample(sd: SDComponents, composite_latents: torch.Tensor, mask_latent: torch
     gen = torch.Generator("cpu").manual_seed(int(seed))
     latents = torch.randn((b, sd.latent_channels, h, w), generator=gen, dtype=torch.float32)
     latents = (latents * sched.init_noise_sigma).to(device=device, dtype=dtype)
+    step_kwargs = {"generator": gen} if "generator" in inspect.signature(sched.step).parameters else {}
     for i, t in enumerate(sched.timesteps):
         x = torch.cat([sched.scale_model_input(latents, t), mask, cond], dim=1)
         if cfg:
@@ -149,7 +151,7 @@ def sample(sd: SDComponents, composite_latents: torch.Tensor, mask_latent: torch
         if cfg:
             uncond, text = eps.chunk(2)
             eps = uncond + guidance * (text - uncond)
-        latents = sched.step(eps, t, latents, generator=gen).prev_sample
+        latents = sched.step(eps, t, latents, **step_kwargs).prev_sample
         if callback is not None:
             callback(i + 1, steps)
     return (latents.float() / sf).cpu()

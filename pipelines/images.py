@@ -57,6 +57,8 @@ def mask_batch(mask: torch.Tensor, height: int, width: int, name: str = "mask") 
     if (mh, mw) != (height, width):
         if mh == 0 or mw == 0:
             raise InputError(f"{name} is empty: shape {tuple(mask.shape)}")
+        if not bool((mask > 0).any()):  # e.g. LoadImage's 64x64 zeros for an image without alpha
+            return torch.zeros(mask.shape[0], height, width)
         ratio = (mw / mh) / (width / height)
         if abs(ratio - 1.0) > ASPECT_TOLERANCE:
             raise InputError(

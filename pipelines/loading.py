@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import WeightsError
+from .weights import own_memory
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
@@ -119,7 +120,7 @@ def load_diffusers_folder(path: str | os.PathLike, dtype: torch.dtype = torch.fl
         raise WeightsError(f"{sched_file} is missing: expected the scheduler config of the pipeline")
     scheduler_config = json.loads(sched_file.read_text())
     for m in (unet, vae, text_encoder):
-        m.eval().requires_grad_(False)
+        own_memory(m).eval().requires_grad_(False)
     return SDComponents(unet, vae, text_encoder, tokenizer, scheduler_config, str(folder), dtype)
 
 

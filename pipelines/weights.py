@@ -81,3 +81,16 @@ def empty_weights():
 
     with init_empty_weights(include_buffers=False):
         yield
+
+
+def own_memory(module: nn.Module) -> nn.Module:
+    """Copy parameters that still point into a memory-mapped file into ordinary, aligned allocations.
+
+    Loaders memory-map safetensors files, so tensors start at whatever offset the file gives them; CPU
+    kernels pick their code path by alignment and then differ in the last bits. Owning aligned memory makes
+    the same weights give bit-identical results whatever file they came from (and frees the file)."""
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
+    return module

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models written once per session in the layouts users have on disk."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, workflow_runner
+
+import tiny_models  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def write_refiner(folder: Path, in_channels: int = 7, seed: int = 5) -> Path:
+    """A refinement/ folder as released: config.json + diffusion_pytorch_model.safetensors."""
+    from safetensors.torch import save_file
+
+    from comfyui_harmonize.pipelines.refiner import RefinerUNet
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_models.refiner_config(in_channels)
+    torch.manual_seed(seed)
+    model = RefinerUNet(**cfg)
+    with torch.no_grad():  # a visible residual, so a test notices when the refiner is skipped
+        model.conv_out.weight.normal_(0, 0.05)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory) -> Path:
+    """models/ with diffharmony/DiffHarmony (the authors' archive layout: base/ with .bin weights +
+    refinement/) and diffusers/tiny-inpaint (the same weights as safetensors)."""
+    root = tmp_path_factory.mktemp("models")
+    archive = root / "diffharmony" / "DiffHarmony"
+    tiny_models.save_diffusers_pipeline(archive / "base", in_channels=9, weights="bin")
+    write_refiner(archive / "refinement")
+    tiny_models.save_diffusers_pipeline(root / "diffusers" / "tiny-inpaint", in_channels=9)
+    tiny_models.save_diffusers_pipeline(root / "diffusers" / "tiny-txt2img", in_channels=4)
+    (root / "checkpoints").mkdir()
+    return root
+
+
+@pytest.fixture
+def models_env(models_root, monkeypatch):
+    """Point the pack's model folders (outside ComfyUI) at the tiny models."""
+    monkeypatch.setenv("HARMONIZE_MODELS_DIR", str(models_root))
+    return models_root
+
+
+def make_composite(h: int, w: int, batch: int = 1, seed: int = 0):
+    """A smooth random composite and an elliptical foreground mask."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(batch, 3, max(h // 16, 2), max(w // 16, 2), generator=g)
+    image = torch.nn.functional.interpolate(base, size=(h, w), mode="bilinear", align_corners=False)
+    image = image.permute(0, 2, 3, 1).contiguous()
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    mask = ((yy / 0.5) ** 2 + (xx / 0.4) ** 2 <= 1).float()[None].expand(batch, h, w).contiguous()
+    return image, mask
