@@ -162,3 +162,173 @@ def refiner_config(in_channels: int = 7) -> dict:
         "add_attention": True, "input_residual": True, "norm_num_groups": 32,
         "down_block_types": ["DownBlock2D"] * 4, "up_block_types": ["UpBlock2D"] * 4,
     }
+
+
+# --- single-file (original LDM/CompVis layout) checkpoints -------------------------------------------------
+# The reverse of the LDM -> diffusers conversion, written from the naming facts of the two layouts
+# (ldm's openaimodel/autoencoder modules vs diffusers' UNet2DConditionModel/AutoencoderKL, and the
+# transformers vs open_clip text towers), so tests can produce the files users download.
+
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_LDM_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _ldm_resnet(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    return f"{_LDM_RESNET[head]}.{tail}"
+
+
+def ldm_unet_state_dict(unet) -> dict:
+    """diffusers UNet2DConditionModel weights under the LDM ``model.diffusion_model.*`` names."""
+    cfg = unet.config
+    per = cfg.layers_per_block + 1  # LDM input/output block slots per diffusers block
+    has_attn = ["CrossAttn" in t for t in cfg.up_block_types]
+    out = {}
+    for key, value in unet.state_dict().items():
+        p = key.split(".")
+        rest = ".".join(p[4:]) if len(p) > 4 else ""
+        if p[0] == "conv_in":
+            new = f"input_blocks.0.0.{p[1]}"
+        elif p[0] == "time_embedding":
+            new = f"time_embed.{ {'linear_1': 0, 'linear_2': 2}[p[1]] }.{p[2]}"
+        elif p[0] == "conv_norm_out":
+            new = f"out.0.{p[1]}"
+        elif p[0] == "conv_out":
+            new = f"out.2.{p[1]}"
+        elif p[0] == "down_blocks":
+            b, kind, i = int(p[1]), p[2], int(p[3])
+            if kind == "resnets":
+                new = f"input_blocks.{1 + b * per + i}.0.{_ldm_resnet(rest)}"
+            elif kind == "attentions":
+                new = f"input_blocks.{1 + b * per + i}.1.{rest}"
+            else:  # downsamplers.0.conv.*
+                new = f"input_blocks.{(b + 1) * per}.0.op.{p[-1]}"
+        elif p[0] == "mid_block":
+            kind, i, rest = p[1], int(p[2]), ".".join(p[3:])
+            new = (f"middle_block.{2 * i}.{_ldm_resnet(rest)}" if kind == "resnets"
+                   else f"middle_block.1.{rest}")
+        elif p[0] == "up_blocks":
+            b, kind, i = int(p[1]), p[2], int(p[3])
+            if kind == "resnets":
+                new = f"output_blocks.{b * per + i}.0.{_ldm_resnet(rest)}"
+            elif kind == "attentions":
+                new = f"output_blocks.{b * per + i}.1.{rest}"
+            else:  # upsamplers.0.conv.*
+                new = f"output_blocks.{b * per + per - 1}.{2 if has_attn[b] else 1}.conv.{p[-1]}"
+        else:
+            raise KeyError(f"no LDM name for UNet key {key}")
+        out["model.diffusion_model." + new] = value
+    return out
+
+
+def ldm_vae_state_dict(vae) -> dict:
+    """diffusers AutoencoderKL weights under the LDM ``first_stage_model.*`` names (attention as 1x1 convs)."""
+    n_up = len(vae.config.up_block_types)
+    out = {}
+    for key, value in vae.state_dict().items():
+        p = key.split(".")
+        if p[0] in ("quant_conv", "post_quant_conv"):
+            new = key
+        elif p[1] in ("conv_in", "conv_out"):
+            new = key
+        elif p[1] == "conv_norm_out":
+            new = f"{p[0]}.norm_out.{p[2]}"
+        elif p[1] in ("down_blocks", "up_blocks"):
+            b, kind = int(p[2]), p[3]
+            stage = "down" if p[1] == "down_blocks" else "up"
+            b = b if stage == "down" else n_up - 1 - b  # LDM numbers decoder levels from the bottom
+            if kind == "resnets":
+                new = f"{p[0]}.{stage}.{b}.block.{p[4]}." + ".".join(p[5:]).replace("conv_shortcut", "nin_shortcut")
+            else:  # downsamplers/upsamplers.0.conv.*
+                new = f"{p[0]}.{stage}.{b}.{'downsample' if stage == 'down' else 'upsample'}.conv.{p[-1]}"
+        elif p[1] == "mid_block":
+            if p[2] == "resnets":
+                new = f"{p[0]}.mid.block_{int(p[3]) + 1}." + ".".join(p[4:]).replace("conv_shortcut", "nin_shortcut")
+            else:
+                sub = ".".join(p[4:-1])
+                new = f"{p[0]}.mid.attn_1.{_LDM_VAE_ATTN[sub]}.{p[-1]}"
+                if value.ndim == 2:
+                    value = value[:, :, None, None]
+        else:
+            raise KeyError(f"no LDM name for VAE key {key}")
+        out["first_stage_model." + new] = value
+    return out
+
+
+def _text_keys(text_encoder) -> dict:
+    return {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+
+
+def ldm_clip_state_dict(text_encoder) -> dict:
+    """SD 1.x: the transformers CLIPTextModel under ``cond_stage_model.transformer.text_model.*``, with the
+    ``position_ids`` buffer older transformers versions saved into the released files."""
+    out = {f"cond_stage_model.transformer.text_model.{k}": v for k, v in _text_keys(text_encoder).items()}
+    n_pos = text_encoder.config.max_position_embeddings
+    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(n_pos)[None]
+    return out
+
+
+def open_clip_state_dict(text_encoder, seed: int = 3) -> dict:
+    """SD 2.x: the text tower in open_clip's layout under ``cond_stage_model.model.*``: fused in_proj
+    attention weights, ln_1/ln_2/c_fc/c_proj names, plus what SD 2 does not use (one more final resblock,
+    since it conditions on the penultimate layer; text_projection; logit_scale)."""
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    sd = _text_keys(text_encoder)
+    pre = "cond_stage_model.model."
+    out = {pre + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+           pre + "positional_embedding": sd["embeddings.position_embedding.weight"],
+           pre + "ln_final.weight": sd["final_layer_norm.weight"], pre + "ln_final.bias": sd["final_layer_norm.bias"]}
+    n_layers = text_encoder.config.num_hidden_layers
+    for i in range(n_layers):
+        lp, rp = f"encoder.layers.{i}.", f"{pre}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[rp + f"attn.in_proj_{kind}"] = torch.cat([sd[lp + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
+            for ours, theirs in names.items():
+                out[rp + f"{theirs}.{kind}"] = sd[lp + f"{ours}.{kind}"]
+    g = torch.Generator().manual_seed(seed)
+    for key in [k for k in out if k.startswith(f"{pre}transformer.resblocks.{n_layers - 1}.")]:
+        extra = key.replace(f"resblocks.{n_layers - 1}.", f"resblocks.{n_layers}.")
+        out[extra] = torch.randn(out[key].shape, generator=g) * 0.02
+    hidden = text_encoder.config.hidden_size
+    out[pre + "text_projection"] = torch.randn(hidden, hidden, generator=g) * 0.02
+    out[pre + "logit_scale"] = torch.tensor(4.6052)
+    return out
+
+
+def save_single_file(path: str | os.PathLike, unet, vae, text_encoder, family: str, tokenizer: bool = True,
+                     sidecar: bool = True) -> Path:
+    """Write ``unet``/``vae``/``text_encoder`` as one LDM-layout checkpoint (``.safetensors``, or a
+    ``{"state_dict": ...}`` tensor-only ``.ckpt``) for ``family`` "sd1" (CLIP keys) or "sd2" (OpenCLIP
+    keys), plus, with ``sidecar``, the ``<stem>.config`` folder the loader reads (diffusers-layout configs,
+    and with ``tokenizer`` the tiny tokenizer the tiny text encoder was built for)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if family not in ("sd1", "sd2"):
+        raise ValueError(f"family must be 'sd1' or 'sd2', got {family!r}")
+    text = ldm_clip_state_dict(text_encoder) if family == "sd1" else open_clip_state_dict(text_encoder)
+    state = {**ldm_unet_state_dict(unet), **ldm_vae_state_dict(vae), **text}
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    state["alphas_cumprod"] = torch.linspace(0.999, 0.005, 1000)  # LDM files also carry schedule buffers
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(state, str(path), metadata={"format": "pt"})
+    else:
+        torch.save({"state_dict": state, "global_step": 0}, path)
+    if sidecar:
+        cfg = path.with_name(path.stem + ".config")
+        unet.save_config(cfg / "unet")
+        vae.save_config(cfg / "vae")
+        text_encoder.config.save_pretrained(cfg / "text_encoder")
+        (cfg / "scheduler").mkdir(parents=True, exist_ok=True)
+        (cfg / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
+        if tokenizer:
+            tok = write_tiny_tokenizer(cfg / "tokenizer")
+            if family == "sd2":  # SD 2's tokenizer pads with "!" (id 0)
+                for name in ("tokenizer_config.json", "special_tokens_map.json"):
+                    data = json.loads((tok / name).read_text(encoding="utf-8"))
+                    data["pad_token"] = "!"
+                    (tok / name).write_text(json.dumps(data), encoding="utf-8")
+    return path
