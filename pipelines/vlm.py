@@ -319,7 +319,7 @@ class GeminiBackend(Backend):
 
 
 # A loaded local model is kept between runs (ComfyUI re-executes nodes often); one at a time.
-_LOCAL_CACHE: dict[tuple, tuple] = {}
+_LOCAL_CACHE: dict[tuple, "LocalModel"] = {}
 _LOCAL_LOCK = threading.Lock()
 
 
@@ -350,8 +350,19 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def load_local_model(folder: str, dtype: torch.dtype) -> tuple:
-    """(processor, model) of an image-text-to-text model folder, offline; cached (one at a time)."""
+@dataclass(frozen=True)
+class LocalModel:
+    """A loaded local VLM. ``holder`` is a plain module around ``model`` that is handed to device
+    placement: ComfyUI's model management assigns ``.device`` on the module it manages, which
+    transformers models expose as a read-only property."""
+
+    processor: object
+    model: torch.nn.Module
+    holder: torch.nn.Module
+
+
+def load_local_model(folder: str, dtype: torch.dtype) -> LocalModel:
+    """The processor and model of an image-text-to-text model folder, offline; cached (one at a time)."""
     key = (os.path.realpath(folder), str(dtype))
     with _LOCAL_LOCK:
         if key in _LOCAL_CACHE:
@@ -373,8 +384,8 @@ def load_local_model(folder: str, dtype: torch.dtype) -> tuple:
                                f"chat_template.json); expected an instruction-tuned vision-language model.")
         model.eval()
         _LOCAL_CACHE.clear()
-        _LOCAL_CACHE[key] = (processor, model)
-        return processor, model
+        _LOCAL_CACHE[key] = LocalModel(processor, model, torch.nn.ModuleDict({"vlm": model}))
+        return _LOCAL_CACHE[key]
 
 
 @dataclass
@@ -395,8 +406,9 @@ class TransformersBackend(Backend):
         return f"local model {os.path.basename(os.path.normpath(self.folder))!r}"
 
     def generate(self, prompt, pictures, temperature, seed) -> str:
-        processor, model = load_local_model(self.folder, self.dtype)
-        device = torch.device(self.place(model) if self.place is not None else self.device)
+        local = load_local_model(self.folder, self.dtype)
+        processor, model = local.processor, local.model
+        device = torch.device(self.place(local.holder) if self.place is not None else self.device)
         if self.place is None:
             model.to(device)
         content = [{"type": "image", "image": p} for p in pictures] + [{"type": "text", "text": prompt}]

@@ -352,7 +352,7 @@ def test_transformers_gibberish_fails_clearly_after_retries(llm_root, monkeypatc
     backend = vlm.make_backend("transformers", local_model="tiny-llava", roots=[str(llm_root / "LLM")], max_tokens=24)
     image, mask = composite()
     calls = []
-    processor, model = vlm.load_local_model(backend.folder, torch.float32)
+    model = vlm.load_local_model(backend.folder, torch.float32).model
     real = model.generate
 
     def counting(**kw):
@@ -379,7 +379,8 @@ def test_transformers_gibberish_fails_clearly_after_retries(llm_root, monkeypatc
 
 def test_transformers_answer_goes_through_the_parser(llm_root, monkeypatch):
     backend = vlm.make_backend("transformers", local_model="tiny-llava", roots=[str(llm_root / "LLM")])
-    processor, model = vlm.load_local_model(backend.folder, torch.float32)
+    local = vlm.load_local_model(backend.folder, torch.float32)
+    processor, model = local.processor, local.model
     answer = processor.tokenizer("cat & (foreground) bright summer & (background) dim winter",
                                  add_special_tokens=False, return_tensors="pt")["input_ids"]
     seen = {}
@@ -395,7 +396,13 @@ def test_transformers_answer_goes_through_the_parser(llm_root, monkeypatch):
     assert result.raw == "cat & (foreground) bright summer & (background) dim winter"
     assert seen["do_sample"] is False and "temperature" not in seen
     assert (seen["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum() == 4  # 2x2 patches
-    assert vlm.load_local_model(backend.folder, torch.float32)[1] is model  # cached between runs
+    assert vlm.load_local_model(backend.folder, torch.float32) is local  # cached between runs
+    # device placement gets a plain module holding the model (ComfyUI sets .device on what it manages)
+    placed = []
+    backend.place = lambda module: (placed.append(module), torch.device("cpu"))[1]
+    vlm.describe(backend, image, mask, k=1)
+    assert placed == [local.holder] and local.holder.vlm is model
+    local.holder.device = torch.device("cpu")  # settable, unlike model.device
 
 
 # --------------------------------------------------------------------------------------------- nodes
