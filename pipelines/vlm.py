@@ -522,7 +522,8 @@ def describe(backend: Backend, image: torch.Tensor, mask: torch.Tensor, k: int =
         f"--- answer {i + 1} ---\n{a}" for i, a in enumerate(answers))
 
     def ask_again(tried: Sequence[Description]) -> Description | None:
-        """One more description that is not in ``tried`` (nor among the candidates), or None."""
+        """One more description that is not in ``tried``, or None. The request lists ``tried`` and the
+        candidates as descriptions to avoid; parse failures are asked again like the first answer."""
         tried_keys = {d.key() for d in tried}
         exclude = list(dict.fromkeys([*tried, *found]))
         for _ in range(attempts):
