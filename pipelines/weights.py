@@ -34,6 +34,8 @@ def load_state_dict(path: str | os.PathLike, map_location: str = "cpu") -> dict[
     except WeightsError:
         raise
     except pickle.UnpicklingError as exc:
+        if "unsupported global" not in str(exc).lower():  # not a pickle of tensors at all: garbage bytes
+            raise WeightsError(f"could not read weights file {path}: it is corrupt or not a checkpoint ({exc})") from exc
         raise WeightsError(
             f"refused to load {path}: it contains Python objects other than tensors, and loading it would "
             f"execute code. Only plain tensor checkpoints (or .safetensors) are accepted. ({exc})"

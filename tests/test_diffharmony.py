@@ -100,12 +100,18 @@ def test_all_in_one_equals_chain_and_is_deterministic(sd, refiner):
     assert (one - other)[inside].abs().max() > 1e-3
 
 
-def test_archive_diffusers_folder_give_same_output(archive, models_root, sd):
+def test_archive_diffusers_folder_and_single_file_give_same_output(archive, models_root, sd, tmp_path):
+    import tiny_models
+
     folder = dh.load_diffharmony(models_root / "diffusers" / "tiny-inpaint")
+    ckpt = tiny_models.save_single_file(tmp_path / "inpaint.safetensors", folder.unet, folder.vae,
+                                        folder.text_encoder, "sd1")
+    single = dh.load_diffharmony(ckpt)
     image, mask = make_composite(64, 64, seed=2)
     a = dh.harmonize(sd, image, mask, seed=4, steps=2, resolution=RES)
     b = dh.harmonize(folder, image, mask, seed=4, steps=2, resolution=RES)
-    assert torch.equal(a, b)
+    c = dh.harmonize(single, image, mask, seed=4, steps=2, resolution=RES)
+    assert torch.equal(a, b) and torch.equal(a, c)
     assert not torch.equal(a, image)
 
 

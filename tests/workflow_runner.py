@@ -122,7 +122,7 @@ def is_widget(spec) -> bool:
 def widget_slots(cls) -> list[tuple[str, tuple | None]]:
     """The front end's widgets_values layout: one slot per widget input, plus the extra value the front end
     stores after seed-like INTs (control_after_generate) and after image-upload combos (upload)."""
-    slots = []
+    slots, upload = [], False
     for name, spec, _ in all_inputs(cls):
         if not is_widget(spec):
             continue
@@ -130,8 +130,9 @@ def widget_slots(cls) -> list[tuple[str, tuple | None]]:
         opts = spec[1] if len(spec) > 1 else {}
         if input_type(spec) == "INT" and (name in SEED_NAMES or opts.get("control_after_generate")):
             slots.append((None, ("CONTROL",)))
-        if opts.get("image_upload"):
-            slots.append((None, ("UPLOAD",)))
+        upload = upload or bool(opts.get("image_upload"))
+    if upload:  # the upload button is added after the node's own widgets
+        slots.append((None, ("UPLOAD",)))
     return slots
 
 
@@ -158,9 +159,10 @@ def _check_value(where: str, spec, value) -> None:
             raise WorkflowError(f"{where}: {value} is outside [{opts.get('min')}, {opts.get('max')}]")
 
 
-def validate(workflow: dict, mappings: dict) -> None:
+def validate(workflow: dict, mappings: dict, check_files: bool = True) -> None:
     """Raise WorkflowError unless every node type exists, every link joins matching types, every required
-    input is linked or a widget, and widget values fit the node definitions."""
+    input is linked or a widget, and widget values fit the node definitions. ``check_files=False`` skips
+    the values of combos that list files on disk (loaders, LoadImage), which depend on the machine."""
     classes = {**BUILTINS, **mappings}
     for key in ("last_node_id", "last_link_id", "nodes", "links", "version"):
         if key not in workflow:
@@ -216,6 +218,8 @@ def validate(workflow: dict, mappings: dict) -> None:
                 continue
             if name in linked:
                 continue
+            if not check_files and input_type(spec) == "COMBO" and (ntype.endswith("Loader") or ntype in BUILTINS):
+                continue
             _check_value(f"node {node['id']} ({ntype}).{name}", spec, value)
         for slot, out in enumerate(node.get("outputs", [])):
             if cls.RETURN_TYPES[slot] != out["type"]:
@@ -268,10 +272,18 @@ def execute(prompt: dict, mappings: dict) -> dict:
     return results
 
 
-def run_workflow(path: str | os.PathLike, mappings: dict, input_dir: str | os.PathLike) -> dict:
-    """Validate and execute a workflow file; returns {node_id: outputs}; saved images in SaveImage.saved."""
+def run_workflow(path: str | os.PathLike, mappings: dict, input_dir: str | os.PathLike,
+                 overrides: dict | None = None) -> dict:
+    """Validate and execute a workflow file; returns {node_id: outputs}; saved images in SaveImage.saved.
+    ``overrides`` maps (class_type, input name) to a value replacing the widget's (e.g. a smaller
+    resolution so tiny models run fast)."""
     LoadImage.input_dir = LoadImageMask.input_dir = str(input_dir)
     SaveImage.saved = []
     workflow = json.loads(Path(path).read_text())
     validate(workflow, mappings)
-    return execute(to_api(workflow, mappings), mappings)
+    prompt = to_api(workflow, mappings)
+    for (ctype, name), value in (overrides or {}).items():
+        for node in prompt.values():
+            if node["class_type"] == ctype and name in node["inputs"]:
+                node["inputs"][name] = value
+    return execute(prompt, mappings)

@@ -1,0 +1,93 @@
+"""nodes/host.py: plain-torch behaviour outside ComfyUI, and ComfyUI's progress bar, cancel, model
+management and model folders when its modules are importable (stood in for by recording fakes)."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from comfyui_harmonize.nodes import diffharmony_nodes as N
+from comfyui_harmonize.nodes import host
+from comfyui_harmonize.pipelines import diffharmony as dh
+from conftest import make_composite
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_comfy(monkeypatch, models_root):
+    calls = {"updates": [], "loaded": [], "checks": 0, "interrupt_after": None}
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            calls["updates"].append((value, total))
+
+    def throw_exception_if_processing_interrupted():
+        calls["checks"] += 1
+        if calls["interrupt_after"] is not None and calls["checks"] > calls["interrupt_after"]:
+            raise Interrupted("cancelled by the user")
+
+    mm = types.SimpleNamespace(
+        get_torch_device=lambda: torch.device("cpu"), unet_offload_device=lambda: torch.device("cpu"),
+        intermediate_device=lambda: torch.device("cpu"), should_use_bf16=lambda d: False,
+        throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
+        load_models_gpu=lambda patchers: calls["loaded"].extend(patchers), soft_empty_cache=lambda: None)
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device):
+            self.model = model
+
+    registered = {}
+    fp = types.SimpleNamespace(
+        models_dir=str(models_root), folder_names_and_paths={},
+        add_model_folder_path=lambda name, path: registered.setdefault(name, []).append(path),
+        get_folder_paths=lambda name: registered.get(name, [str(models_root / name)]))
+    comfy = types.ModuleType("comfy")
+    comfy.__path__ = []
+    for name, mod in {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": types.SimpleNamespace(ProgressBar=ProgressBar),
+                      "comfy.model_patcher": types.SimpleNamespace(ModelPatcher=ModelPatcher), "folder_paths": fp}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    calls["registered"] = registered
+    return calls
+
+
+def test_outside_comfy_plain_torch(monkeypatch):
+    for name in ("comfy", "comfy.model_management", "comfy.utils", "comfy.model_patcher", "folder_paths"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails
+    assert not host.in_comfy()
+    assert host.torch_device().type in ("cpu", "cuda")
+    assert host.default_dtype(torch.device("cpu")) == torch.float32
+    assert host.default_dtype(torch.device("cuda")) == torch.float16
+    monkeypatch.setenv(host.MODELS_ENV, "/x/models")
+    assert host.model_roots("diffharmony") == ["/x/models/diffharmony"]
+    p = host.Progress(3)
+    p(1, 3)
+    host.check_interrupt()
+    m = torch.nn.Linear(2, 2)
+    assert host.load_to_device(m) == host.torch_device()
+
+
+def test_in_comfy_progress_cancel_and_model_management(fake_comfy, models_root):
+    assert host.in_comfy()
+    host.register_model_folders()
+    assert fake_comfy["registered"]["diffharmony"] == [str(models_root / "diffharmony")]
+    (model,) = N.HarmonizeDiffHarmonyLoader().load("diffharmony/DiffHarmony", "auto")
+    image, mask = make_composite(64, 64)
+    (lat,) = N.HarmonizeDiffHarmonyEncode().encode(model, image, 256, "keep aspect", 0)
+    (lm,) = N.HarmonizeMaskToLatent().downsample(mask, lat)
+    N.HarmonizeDiffHarmonySampler().sample(model, lat, lm, 0, 4, "euler_ancestral", 1.0)
+    assert fake_comfy["updates"] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    patched = fake_comfy["loaded"]
+    assert patched and all(set(p.model.keys()) == {"unet", "vae", "text_encoder"} for p in patched)
+    assert len({id(p) for p in patched}) == 1  # one ModelPatcher per model, reused across nodes
+    fake_comfy["interrupt_after"] = fake_comfy["checks"] + 2
+    with pytest.raises(Interrupted):
+        N.HarmonizeDiffHarmonySampler().sample(model, lat, lm, 0, 5, "euler_ancestral", 1.0)
+    assert fake_comfy["updates"][-1] == (2, 5)  # stopped between steps

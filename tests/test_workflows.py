@@ -1,0 +1,72 @@
+"""Every shipped workflow is valid against the node definitions and is also shipped as a template; the
+DiffHarmony workflow runs node by node with tiny models."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import comfyui_harmonize
+import workflow_runner as wr
+from conftest import make_composite
+
+ROOT = Path(comfyui_harmonize.__file__).parent
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+
+
+def test_there_are_workflows():
+    assert "diffharmony.json" in [p.name for p in WORKFLOWS]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_matches_node_definitions_and_is_a_template(path):
+    wr.validate(json.loads(path.read_text()), comfyui_harmonize.NODE_CLASS_MAPPINGS, check_files=False)
+    template = ROOT / "example_workflows" / path.name
+    assert template.is_file() and template.read_bytes() == path.read_bytes()
+
+
+def test_validator_catches_broken_workflows():
+    wf = json.loads((ROOT / "workflows" / "diffharmony.json").read_text())
+    maps = comfyui_harmonize.NODE_CLASS_MAPPINGS
+
+    def broken(edit):
+        w = json.loads(json.dumps(wf))
+        edit(w)
+        with pytest.raises(wr.WorkflowError):
+            wr.validate(w, maps, check_files=False)
+
+    sampler = next(n for n in wf["nodes"] if n["type"] == "HarmonizeDiffHarmonySampler")
+    i = wf["nodes"].index(sampler)
+    broken(lambda w: w["nodes"][i].update(type="NoSuchNode"))
+    broken(lambda w: w["nodes"][i]["widgets_values"].pop())               # widget count
+    broken(lambda w: w["nodes"][i]["widgets_values"].__setitem__(3, "x"))  # scheduler not in combo
+    broken(lambda w: w["nodes"][i]["widgets_values"].__setitem__(2, 0))    # steps below min
+    broken(lambda w: w["links"][0].__setitem__(5, "IMAGE"))                # link type
+
+
+def write_inputs(folder: Path, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    image, mask = make_composite(h, w, seed=4)
+    rgb = (image[0].numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(rgb).save(folder / "harmonize_composite.png")
+    m = (mask[0].numpy() * 255).astype(np.uint8)
+    Image.fromarray(np.stack([m] * 3, -1)).save(folder / "harmonize_mask.png")
+    return torch.from_numpy(rgb.astype(np.float32) / 255.0)[None], mask
+
+
+def test_diffharmony_workflow_runs_node_by_node(models_env, tmp_path):
+    image, mask = write_inputs(tmp_path, 389, 517)
+    results = wr.run_workflow(ROOT / "workflows" / "diffharmony.json", comfyui_harmonize.NODE_CLASS_MAPPINGS,
+                              tmp_path, overrides={("HarmonizeDiffHarmonyEncode", "resolution"): 256})
+    saved = dict(wr.SaveImage.saved)
+    out = saved["harmonize/diffharmony"]
+    assert out.shape == image.shape
+    bg = mask[..., None].expand_as(image) == 0
+    assert torch.equal(out[bg], image[bg])
+    assert (out[~bg] - image[~bg]).abs().mean() > 1e-3
+    preview = saved["preview"]
+    assert preview.shape[1:3] == (192, 256)  # the decoded working-resolution image: long side 256
+    assert len(results) == 12
