@@ -1,0 +1,66 @@
+"""Reading and writing image files as ComfyUI-style tensors (for the command line and benchmarks)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _open(path: str | os.PathLike) -> Image.Image:
+    try:
+        img = Image.open(path)
+        return ImageOps.exif_transpose(img)
+    except FileNotFoundError:
+        raise InputError(f"image not found: {path}") from None
+    except Exception as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from exc
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """IMAGE ``[1,H,W,3]`` float32 0..1 (alpha dropped, grey expanded)."""
+    img = _open(path).convert("RGB")
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None].contiguous()
+
+
+def load_mask(path: str | os.PathLike) -> torch.Tensor:
+    """MASK ``[1,H,W]`` 0..1: white = foreground. The luminance of the image, or its alpha channel when the
+    colour channels are constant and the alpha channel is not (a cut-out saved as transparency)."""
+    img = _open(path)
+    lum = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    if "A" in img.getbands() and lum.min() == lum.max():
+        alpha = np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
+        if alpha.min() != alpha.max():
+            lum = alpha
+    return torch.from_numpy(lum)[None].contiguous()
+
+
+def free_path(path: str | os.PathLike) -> Path:
+    """``path`` if nothing exists there, else ``stem_1.ext``, ``stem_2.ext``... (never overwrites)."""
+    path = Path(path)
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate
+
+
+def save_image(image: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Save IMAGE ``[H,W,3]`` or ``[1,H,W,3]`` (0..1) as 8-bit; returns the path written (a new name when
+    ``path`` exists)."""
+    if image.dim() == 4:
+        if image.shape[0] != 1:
+            raise InputError(f"save_image takes one image, got a batch of {image.shape[0]}")
+        image = image[0]
+    arr = (image.clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
+    target = free_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "xb") as f:  # "x": fail rather than overwrite if something appeared meanwhile
+        Image.fromarray(arr).save(f, format=Image.registered_extensions().get(target.suffix.lower(), "PNG"))
+    return target
