@@ -1,0 +1,172 @@
+"""The benchmark command on a synthetic mini-iHarmony4: tables, resume, settings guard, distributed run."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from kornia.color import rgb_to_lab
+
+from comfyui_harmonize.pipelines import benchmark as bm
+from comfyui_harmonize.pipelines import diffharmony as dh
+from comfyui_harmonize.pipelines import ihd_dataset as ihd
+from comfyui_harmonize.pipelines import metrics
+from comfyui_harmonize.pipelines.errors import InputError
+from comfyui_harmonize.pipelines.refiner import load_refiner
+
+from ihd_synthetic import make_ihd
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_ihd(tmp_path_factory.mktemp("ihd"))
+
+
+def args(data, out, *extra):
+    return bm.parse_args(["--data", str(data), "--out", str(out), "--quiet", *extra])
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_composite_baseline_writes_the_per_subset_and_ratio_tables(data, tmp_path):
+    s = bm.run(args(data, tmp_path / "run", "--method", "composite"))
+    rows = read_csv(tmp_path / "run" / "per_image.csv")
+    samples = ihd.list_split(data, "test")
+    assert [r["name"] for r in rows] == [x.name for x in samples]  # every image, in list order
+    # each row is the metrics of that image
+    x = samples[5]
+    d = ihd.load_sample(x)
+    ref = metrics.image_metrics(d["composite"], d["real"], d["mask"])
+    row = next(r for r in rows if r["name"] == x.name)
+    for k in metrics.METRICS:
+        assert float(row[k]) == pytest.approx(float(ref[k][0]), abs=1e-6)
+    assert row["subset"] == x.subset and row["bucket"] == metrics.bucket_label(float(ref["fg_ratio"][0]))
+    # per-subset table = means of the rows of that subset
+    for sub in ihd.SUBSETS:
+        sub_rows = [r for r in rows if r["subset"] == sub]
+        e = s["by_subset"][sub]
+        assert e["count"] == len(sub_rows) == 4
+        assert e["fmse"] == pytest.approx(sum(float(r["fmse"]) for r in sub_rows) / 4, rel=1e-9)
+    assert s["by_subset"]["all"]["count"] == 16 and s["complete"]
+    assert sum(s["by_bucket"][b]["count"] for b in metrics.BUCKET_LABELS) == 16
+    assert all(s["by_bucket"][b]["count"] > 0 for b in metrics.BUCKET_LABELS)  # the synthetic masks span them
+    md = (tmp_path / "run" / "summary.md").read_text()
+    for word in ("HCOCO PSNR↑", "HAdobe5k", "HFlickr", "Hday2night", "| all |", "| 5-15% |", "| 0-100% |",
+                 "DiffHarmony 1024 + refine, paper"):
+        assert word in md
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["images"] == 16
+
+
+def test_color_match_moves_foreground_lab_statistics_to_the_background():
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 40, 50, 3, generator=g) * 0.5
+    image[:, 10:30, 10:30] = image[:, 10:30, 10:30] * 0.4 + 0.55
+    mask = torch.zeros(2, 40, 50)
+    mask[:, 10:30, 10:30] = 1
+    mask[1] = 0  # empty mask: unchanged
+    copy = image.clone()
+    out = bm.lab_color_match(image, mask)
+    assert torch.equal(image, copy)
+    assert torch.equal(out[1], image[1])
+    fg = mask[0] > 0.5
+    assert torch.equal(out[0][~fg], image[0][~fg])  # the background is untouched
+    lab_out = rgb_to_lab(out[:1].permute(0, 3, 1, 2))[0].flatten(1)
+    lab_in = rgb_to_lab(image[:1].permute(0, 3, 1, 2))[0].flatten(1)
+    f, b = lab_out[:, fg.flatten()], lab_in[:, ~fg.flatten()]
+    assert torch.allclose(f.mean(1), b.mean(1), atol=0.5)
+    assert torch.allclose(f.std(1), b.std(1), rtol=0.05, atol=0.3)
+
+
+def test_interrupted_run_resumes_and_ends_with_the_same_results(data, tmp_path):
+    full = tmp_path / "full"
+    bm.run(args(data, full, "--method", "color_match"))
+    out = tmp_path / "resumed"
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop_after_five(name):
+        seen.append(name)
+        if len(seen) == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        bm.run(args(data, out, "--method", "color_match"), on_image=stop_after_five)
+    assert len(read_csv(out / "parts" / "part-0.csv")) == 5 and not (out / "per_image.csv").exists()
+    with open(out / "parts" / "part-0.csv", "a") as f:
+        f.write("c0002_2_1,HCOCO,31.5")  # a record torn by a kill mid-write
+    again = []
+    bm.run(args(data, out, "--method", "color_match"), on_image=again.append)
+    assert len(again) == 11 and not set(again) & set(seen)  # only the unfinished images ran
+    assert (out / "per_image.csv").read_bytes() == (full / "per_image.csv").read_bytes()
+    nothing = []
+    bm.run(args(data, out, "--method", "color_match"), on_image=nothing.append)
+    assert nothing == []
+
+
+def test_a_folder_never_mixes_settings(data, tmp_path):
+    out = tmp_path / "run"
+    bm.run(args(data, out, "--method", "composite", "--subsets", "HFlickr"))
+    with pytest.raises(InputError, match="other settings.*method"):
+        bm.run(args(data, out, "--method", "color_match", "--subsets", "HFlickr"))
+    with pytest.raises(InputError, match="metric_size"):
+        bm.run(args(data, out, "--method", "composite", "--metric-size", "128"))
+    assert bm.main(["--data", str(tmp_path / "absent"), "--out", str(tmp_path / "x"), "--method", "composite",
+                    "--quiet"]) == 2
+
+
+def test_diffharmony_rows_use_name_derived_seeds(data, models_root, tmp_path):
+    archive = models_root / "diffharmony" / "DiffHarmony"
+    out = tmp_path / "dh"
+    s = bm.run(args(data, out, "--model", str(archive), "--resolution", "64", "--steps", "2", "--limit", "1",
+                    "--save-images", "--seed", "7"))
+    assert s["by_subset"]["all"]["count"] == 4 and "refine" in s["method"]
+    settings = json.loads((out / "run.json").read_text())
+    assert settings["refiner"].endswith("refinement") and settings["resolution"] == 64
+    sample = ihd.list_split(data, "test", subsets="HFlickr")[0]
+    row = next(r for r in read_csv(out / "per_image.csv") if r["name"] == sample.name)
+    seed = ihd.name_seed(sample.name, 7)
+    assert int(row["seed"]) == seed
+    d = ihd.load_sample(sample)
+    sd = dh.load_diffharmony(archive)
+    result = dh.harmonize(sd, d["composite"], d["mask"], seed=seed, steps=2, resolution=64, square=True,
+                          refiner=load_refiner(archive / "refinement"))
+    ref = metrics.image_metrics(result, d["real"], d["mask"])
+    assert float(row["fmse"]) == pytest.approx(float(ref["fmse"][0]), abs=1e-5)
+    saved = out / "images" / f"{sample.name}.png"
+    assert saved.is_file()
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")
+def test_two_process_accelerate_launch_writes_the_same_csv_as_one_process(data, models_root, tmp_path):
+    archive = models_root / "diffharmony" / "DiffHarmony"
+    common = ["--data", str(data), "--model", str(archive), "--resolution", "64", "--steps", "2", "--limit", "1",
+              "--no-refine", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "-m", "comfyui_harmonize.pipelines.benchmark", *common, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = sorted(p.name for p in (tmp_path / "two" / "parts").glob("*.csv"))
+    assert parts == ["part-0.csv", "part-1.csv"]  # both processes did work
+    assert all(len(read_csv(tmp_path / "two" / "parts" / p)) == 2 for p in parts)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bm.run(bm.parse_args([*common, "--out", str(tmp_path / "one")]))
+    finally:
+        torch.set_num_threads(threads)
+    one = (tmp_path / "one" / "per_image.csv").read_bytes()
+    assert (tmp_path / "two" / "per_image.csv").read_bytes() == one
+    assert one.count(b"\n") == 5
