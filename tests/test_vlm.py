@@ -485,3 +485,51 @@ def test_shipped_workflows_hold_no_api_keys():
     for name, cls in NODE_CLASS_MAPPINGS.items():
         for section in cls.INPUT_TYPES().values():
             assert not [n for n in section if SECRET_NAME.search(n)], name
+
+
+# ----------------------------------------------------------------------------------------- workflow
+def _api(name):
+    import workflow_runner as wr
+
+    return wr.to_api(json.loads((ROOT / "workflows" / name).read_text()), NODE_CLASS_MAPPINGS)
+
+
+def test_describe_workflow_is_the_zero_shot_graph_started_by_the_describe_node():
+    import workflow_runner as wr
+
+    text = (ROOT / "workflows" / "zero_shot_describe.json").read_bytes()
+    assert (ROOT / "example_workflows" / "zero_shot_describe.json").read_bytes() == text
+    wr.validate(json.loads(text), NODE_CLASS_MAPPINGS, check_files=False)
+    base, mine = _api("zero_shot.json"), _api("zero_shot_describe.json")
+    (manual,) = [k for k, v in base.items() if v["class_type"] == "HarmonizeDescription"]
+    (auto,) = [k for k, v in mine.items() if v["class_type"] == "HarmonizeDescribe"]
+    assert manual == auto
+    # every other node, widget and link is the same as in zero_shot.json (which its own test runs end to end)
+    assert {k: v for k, v in mine.items() if k != auto} == {k: v for k, v in base.items() if k != manual}
+    invert = next(v for v in base.values() if v["class_type"] == "HarmonizeZeroShotInvert")
+    node = mine[auto]["inputs"]
+    assert node["image"] == invert["inputs"]["image"] and node["mask"] == invert["inputs"]["mask"]
+    assert node["backend"] == "ollama" and node["url"] == "" and node["k"] == 3 and node["temperature"] == 0.3
+
+
+def test_describe_workflow_runs_its_describe_node(server, tmp_path):
+    import workflow_runner as wr
+
+    image, mask = composite(40, 60)
+    Image.fromarray((image[0].numpy() * 255).round().astype(np.uint8)).save(tmp_path / "harmonize_composite.png")
+    m = (mask[0].numpy() * 255).astype(np.uint8)
+    Image.fromarray(np.stack([m, m * 0, m * 0], -1)).save(tmp_path / "harmonize_mask.png")  # the red channel
+    prompt = _api("zero_shot_describe.json")
+    (auto,) = [k for k, v in prompt.items() if v["class_type"] == "HarmonizeDescribe"]
+    needed = {auto} | {v[0] for v in prompt[auto]["inputs"].values() if isinstance(v, list)}
+    part = {k: prompt[k] for k in needed}
+    part[auto]["inputs"]["url"] = server.url  # the shipped workflow's empty url means 127.0.0.1:11434
+    wr.LoadImage.input_dir = wr.LoadImageMask.input_dir = str(tmp_path)
+    server.replies = [ollama_reply("\n".join(LINES))]
+    descs, raw = wr.execute(part, NODE_CLASS_MAPPINGS)[auto]
+    assert [d.line() for d in descs.candidates] == LINES and raw == "\n".join(LINES)
+    body = server.requests[0]["body"]
+    assert body["model"] == vlm.OLLAMA_MODEL and body["options"]["seed"] == 0
+    shown = np.asarray(decode_png(body["messages"][0]["images"][0]))
+    expected = vlm.outline_overlay(image[0], mask[0])  # the loaded composite, outlined where the mask is
+    assert np.array_equal(shown, np.asarray(vlm.to_pil(expected)))
