@@ -120,14 +120,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------ model folders
 def register_model_folders() -> None:
-    """Register the pack's model folders (models/diffharmony, ...) with ComfyUI."""
+    """Register the pack's model folders (models/diffharmony, ...) with ComfyUI.
+
+    ComfyUI reads extra_model_paths.yaml before it imports custom nodes, so a user's mapping of e.g.
+    ``diffharmony:`` may already have created the folder name: the default folder is added in any case
+    (add_model_folder_path ignores a path it already has)."""
     fp = _comfy("folder_paths")
     if fp is None:
         return
     for name in PACK_FOLDERS:
-        path = os.path.join(fp.models_dir, name)
-        if name not in getattr(fp, "folder_names_and_paths", {}):
-            fp.add_model_folder_path(name, path)
+        fp.add_model_folder_path(name, os.path.join(fp.models_dir, name))
 
 
 def model_roots(kind: str) -> list[str]:
