@@ -273,10 +273,14 @@ class PairDataset(torch.utils.data.Dataset):
     (scale 0.5-1, aspect 3/4-4/3, up to 5 tries to keep at least 1 % of foreground); bilinear antialiased
     resize, mask binarised at 0.5 afterwards. Randomness comes from (seed, epoch, name), so a sample is the
     same whatever worker or process loads it; call ``set_epoch`` to draw new crops.
+
+    ``cache_dir``: a folder of ``<name>.png`` results of a harmonizer (e.g. ``benchmark --save-images`` on
+    the train split); each is brought to the composite's size and cropped/flipped with it as ``harm``.
     """
 
     def __init__(self, samples: list[Sample], resolution: int = 512, random_crop: bool = True,
-                 flip: bool = True, seed: int = 0, max_side: int | None = None):
+                 flip: bool = True, seed: int = 0, max_side: int | None = None,
+                 cache_dir: str | os.PathLike | None = None):
         if resolution < 8:
             raise InputError(f"resolution must be at least 8, got {resolution}")
         if not samples:
@@ -288,6 +292,13 @@ class PairDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.max_side = max_side
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        if self.cache_dir is not None:
+            missing = [s.name for s in self.samples if not (self.cache_dir / f"{s.name}.png").is_file()]
+            if missing:
+                raise InputError(f"{len(missing)} of {len(self.samples)} cached results are missing in "
+                                 f"{self.cache_dir} (first: {missing[0]}.png); expected <name>.png for every "
+                                 f"training composite")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -301,12 +312,24 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
         d = load_sample(s, self.max_side)
-        return self.transform(d["composite"][0], d["real"][0], d["mask"][0], self.generator(index)) | {
+        harm = None
+        if self.cache_dir is not None:
+            harm = read_rgb(self.cache_dir / f"{s.name}.png").permute(2, 0, 1).float() / 255.0
+            h, w = d["composite"].shape[1:3]
+            if tuple(harm.shape[-2:]) != (h, w):
+                harm = F.interpolate(harm[None], size=(h, w), mode="bilinear", align_corners=False,
+                                     antialias=True)[0].clamp(0, 1)
+            harm = harm.permute(1, 2, 0)
+        return self.transform(d["composite"][0], d["real"][0], d["mask"][0], self.generator(index), harm) | {
             "name": s.name, "subset": s.subset}
 
-    def transform(self, comp: torch.Tensor, real: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> dict:
-        """``comp``/``real`` ``[H,W,3]`` 0..1 and ``mask`` ``[H,W]`` -> augmented training tensors."""
-        x = torch.cat([comp.permute(2, 0, 1), real.permute(2, 0, 1), (mask >= 0.5).float()[None]], 0)
+    def transform(self, comp: torch.Tensor, real: torch.Tensor, mask: torch.Tensor, gen: torch.Generator,
+                  harm: torch.Tensor | None = None) -> dict:
+        """``comp``/``real`` (and ``harm``) ``[H,W,3]`` 0..1 and ``mask`` ``[H,W]`` -> augmented tensors."""
+        parts = [comp.permute(2, 0, 1), real.permute(2, 0, 1), (mask >= 0.5).float()[None]]
+        if harm is not None:
+            parts.append(harm.permute(2, 0, 1))
+        x = torch.cat(parts, 0)
         if self.flip and float(torch.rand(1, generator=gen)) < 0.5:
             x = x.flip(-1)
         h, w = x.shape[-2:]
@@ -320,8 +343,11 @@ class PairDataset(torch.utils.data.Dataset):
         r = self.resolution
         if tuple(x.shape[-2:]) != (r, r):
             x = F.interpolate(x[None], size=(r, r), mode="bilinear", align_corners=False, antialias=True)[0]
-        return {"comp": (x[:3].clamp(0, 1) * 2 - 1), "real": (x[3:6].clamp(0, 1) * 2 - 1),
-                "mask": (x[6:7] >= 0.5).float()}
+        out = {"comp": (x[:3].clamp(0, 1) * 2 - 1), "real": (x[3:6].clamp(0, 1) * 2 - 1),
+               "mask": (x[6:7] >= 0.5).float()}
+        if harm is not None:
+            out["harm"] = x[7:10].clamp(0, 1) * 2 - 1
+        return out
 
 
 def collate(batch: list[dict]) -> dict:
