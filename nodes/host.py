@@ -151,3 +151,19 @@ def comfy_tokenizer_dir() -> str | None:
         return None
     path = os.path.join(os.path.dirname(comfy.__file__), "sd1_tokenizer")
     return path if os.path.isfile(os.path.join(path, "vocab.json")) else None
+
+
+# ------------------------------------------------------------------------------------ output folder
+OUTPUT_ENV = "HARMONIZE_OUTPUT_DIR"  # output folder used when ComfyUI is not importable (tests, CLI)
+
+
+def output_directory() -> str:
+    """ComfyUI's output folder (``--output-directory`` honoured); outside ComfyUI ``$HARMONIZE_OUTPUT_DIR``
+    or ``./output``."""
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        try:
+            return fp.get_output_directory()
+        except Exception:
+            pass
+    return os.environ.get(OUTPUT_ENV) or os.path.join(os.getcwd(), "output")
