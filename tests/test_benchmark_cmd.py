@@ -170,3 +170,20 @@ def test_two_process_accelerate_launch_writes_the_same_csv_as_one_process(data, 
     one = (tmp_path / "one" / "per_image.csv").read_bytes()
     assert (tmp_path / "two" / "per_image.csv").read_bytes() == one
     assert one.count(b"\n") == 5
+
+
+def test_console_scripts_point_at_the_commands():
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    ours = {k: v for k, v in scripts.items() if k.startswith("harmonize-")}
+    assert set(ours) == {"harmonize-benchmark", "harmonize-train-diffharmony", "harmonize-train-refiner",
+                         "harmonize-train-evaluator"}
+    for target in ours.values():
+        module, func = target.split(":")
+        main = getattr(importlib.import_module(module), func)
+        with pytest.raises(SystemExit) as e:  # argparse: --help prints usage and exits 0
+            main(["--help"])
+        assert e.value.code == 0

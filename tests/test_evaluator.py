@@ -222,3 +222,35 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_zero_shot_loop_takes_the_loaded_evaluator(tmp_path):
+    """The loader's output type is the zero-shot loop's evaluator input, and the loop's rule ranks results
+    with the loaded classifier's scores."""
+    from comfyui_harmonize.nodes import zero_shot_nodes as ZN
+    from comfyui_harmonize.pipelines import zero_shot_loop as zl
+    from comfyui_harmonize.pipelines.descriptions import Description
+
+    assert ZN.HarmonizeZeroShotIterative.INPUT_TYPES()["optional"]["evaluator"][0] == \
+        N.HarmonizeEvaluatorLoader.RETURN_TYPES[0] == "HARMONY_EVALUATOR"
+    torch.manual_seed(0)
+    model = ev.ResNet((1, 1, 1, 1), base_width=8)
+    with torch.no_grad():  # a fresh ResNet's blocks start as identities (zero bn3): make them see the image
+        model.fc.weight.normal_(0, 1.0)
+        for block in model.modules():
+            if isinstance(block, ev.Bottleneck):
+                block.bn3.weight.fill_(1.0)
+    evaluator = ev.load_evaluator(ev.save_evaluator(model, tmp_path / "tiny.safetensors", size=32))
+    image, mask = make_composite(40, 40, seed=1)
+    gains = {"warm": 1.3, "cold": 0.7, "dark": 0.4}
+    candidates = [Description("cat", (w,), ("winter",)) for w in gains]
+
+    def harmonize(state, desc):  # a stand-in harmonizer: scales the foreground's colours
+        return torch.where(mask[..., None] > 0.5, (state * gains[desc.foreground[0]]).clamp(0, 1), state)
+
+    trials, best = zl.iterate(image, candidates, harmonize, lambda out: float(evaluator(out, mask)[0]),
+                              lambda tried: None, iterations=3)
+    scores = [float(evaluator(t.output, mask)[0]) for t in trials]
+    assert [t.score for t in trials] == scores and len(set(scores)) > 1
+    assert trials[best].score == max(scores)
+    assert max(range(3), key=lambda i: scores[i]) == trials[3].parent  # iteration 1 continues from the best candidate
