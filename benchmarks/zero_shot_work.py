@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from comfyui_harmonize.pipelines import images, loading  # noqa: E402
+from comfyui_harmonize.pipelines import loading  # noqa: E402
 from comfyui_harmonize.pipelines import zero_shot as zs  # noqa: E402
 from comfyui_harmonize.pipelines import zero_shot_loop as zl  # noqa: E402
 from comfyui_harmonize.pipelines.descriptions import Description, DescriptionSet  # noqa: E402

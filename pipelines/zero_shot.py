@@ -105,8 +105,8 @@ class ZeroShotSettings:
 PRESETS: dict[str, ZeroShotSettings] = {
     # the paper (appendix C) and the official defaults where the paper is silent
     "paper": ZeroShotSettings(),
-    # a fifth of the passes: 20 steps, one refinement and one null-text step per timestep, refinement on the
-    # inversion latents (no extra pass), 3 iterations
+    # about a tenth of the UNet work per image: 20 steps, one refinement and one null-text step per timestep,
+    # refinement on the inversion latents (no extra pass), 3 iterations
     "fast": ZeroShotSettings(steps=20, iterations=3, refine_iters=1, refine_on_trajectory=True, nulltext_growth=0),
     # a quick look: 10 steps, one iteration of the best of the candidates, no edge loss (no VAE backward)
     "draft": ZeroShotSettings(steps=10, iterations=1, refine_iters=1, refine_on_trajectory=True, nulltext_growth=0,

@@ -19,7 +19,7 @@ from comfyui_harmonize.pipelines.zero_shot_attention import (AttentionInjection,
                                                              refinement_factor)
 from comfyui_harmonize.pipelines.zero_shot_embeddings import (RefinementSettings, prompt_tokens, refine_embeddings,
                                                               unrefined_embeddings)
-from comfyui_harmonize.pipelines.zero_shot_inversion import (NullTextSettings, ddim_invert, ddim_sample,
+from comfyui_harmonize.pipelines.zero_shot_inversion import (NullTextSettings, ddim_sample,
                                                              nulltext_optimize)
 from comfyui_harmonize.pipelines.zero_shot_model import WorkCounter, ZeroShotModel
 from conftest import make_composite

@@ -242,6 +242,25 @@ def test_node_chain_reports_work_and_matches_the_pipeline(zs_models):
     assert evaluator(out, mask).shape == (1,)
 
 
+def test_loader_takes_single_file_sd1_and_sd2_checkpoints(zs_models, model):
+    import tiny_models
+
+    for family in ("sd1", "sd2"):
+        tiny_models.save_single_file(zs_models / "checkpoints" / f"tiny-{family}.safetensors", model.unet, model.vae,
+                                     model.text_encoder, family)
+    choices = zn.HarmonizeZeroShotLoader.INPUT_TYPES()["required"]["model"][0]
+    assert {"checkpoints/tiny-sd1.safetensors", "checkpoints/tiny-sd2.safetensors",
+            "diffusers/stable-diffusion-2-base"} <= set(choices)
+    image, mask = make_composite(48, 64, seed=9)
+    s = zs.settings_for("draft", steps=2, resolution=64, candidates=1)
+    outs = {}
+    for name in ("diffusers/tiny-txt2img", "checkpoints/tiny-sd1.safetensors", "checkpoints/tiny-sd2.safetensors"):
+        loaded = zn.HarmonizeZeroShotLoader().load(name, "fp32")[0]
+        outs[name] = zl.iterative_batch(loaded, image, mask, DescriptionSet([A]), s)[0]
+    assert torch.equal(outs["diffusers/tiny-txt2img"], outs["checkpoints/tiny-sd1.safetensors"])
+    assert outs["checkpoints/tiny-sd2.safetensors"].shape == image.shape
+
+
 def write_inputs(folder: Path, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     image, mask = make_composite(h, w, seed=4)
     rgb = (image[0].numpy() * 255).round().astype(np.uint8)
