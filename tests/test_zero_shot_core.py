@@ -312,3 +312,30 @@ def test_loader_refuses_an_inpainting_model(models_root):
     sd = loading.load_sd(models_root / "diffusers" / "tiny-inpaint")
     with pytest.raises(WeightsError, match="text-to-image"):
         ZeroShotModel(sd)
+
+
+def test_sd_layout_refines_at_a_quarter_of_the_latent_and_injects_at_every_level(model):
+    """A UNet with Stable Diffusion's four levels (narrow channels): the refinement reads the 1/4 level
+    (16x16 at 512 px) and the injection reaches every level of a non-square latent."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=model.unet.config.cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
+    ).eval().requires_grad_(False)
+    sd4 = ZeroShotModel(replace(model.components, unet=unet))
+    assert sd4.pixel_multiple == 64
+    image, mask = make_composite(389, 517, seed=3)
+    image_w, mask_w = zs.working_inputs(sd4, image, mask, 192)
+    assert image_w.shape == (1, 128, 192, 3)  # aspect kept, sides multiples of 64
+    inv = zs.invert(sd4, image_w, image_w, mask_w, steps=2, seed=0)
+    ref = refine_embeddings(sd4, inv.trajectory, inv.timesteps, inv.mask[0], DESC, RefinementSettings(iters=1))
+    assert ref.factor == 4 and ref.maps.shape == (2, 4, 6)  # latent 16x24 -> 4x6
+    nt = nulltext_optimize(sd4, inv, ref.source, 2.5, NullTextSettings(iters=0, growth=0, edge=False))
+    _, ctrl = zs.p2p_edit(sd4, inv, ref, nt, zs.settings_for("paper", steps=2), record=True)
+    assert len(ctrl.recorded) == 2 * len(unet.attn_processors)
+    assert sorted({p.shape[2] for *_, p in ctrl.recorded}) == [6, 24, 96, 384]  # 2x3 (mid) ... 16x24
+    assert all(torch.equal(p[2], p[1]) for *_, p in ctrl.recorded)
