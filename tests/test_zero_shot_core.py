@@ -3,6 +3,7 @@ edge constraint, text-embedding refinement, counted work. Tiny random text-to-im
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -59,6 +60,20 @@ def inversion(model, inputs):
 def tiny_pidinet():
     torch.manual_seed(0)
     return PiDiNet(inplane=4, dil=4, sa=True).eval().requires_grad_(False)
+
+
+PUBLISHED_PIDINET = Path(__file__).resolve().parents[2] / "shared" / "data" / "pidinet" / "table5_pidinet-tiny.pth"
+
+
+@pytest.fixture(scope="module", params=["random", "published"])
+def any_pidinet(request, tiny_pidinet):
+    if request.param == "random":
+        return tiny_pidinet
+    if not PUBLISHED_PIDINET.is_file():
+        pytest.skip(f"{PUBLISHED_PIDINET} is absent (../shared/data is not on this machine)")
+    from comfyui_harmonize.pipelines.pidinet import load_pidinet
+
+    return load_pidinet(PUBLISHED_PIDINET)
 
 
 # ------------------------------------------------------------------------------ attention control
@@ -191,27 +206,28 @@ def test_ddim_inversion_then_sampling_reconstructs_better_with_nulltext(model, i
         assert terms[-1] < terms[0]
 
 
-def test_edge_term_gives_the_nulltext_embedding_gradients_through_pidinet_and_sobel(model, inversion, tiny_pidinet):
+def test_edge_term_gives_the_nulltext_embedding_gradients_through_pidinet_and_sobel(model, inversion, any_pidinet):
+    pidinet = any_pidinet
     sched = model.ddim(inversion.steps)
     t = sched.timesteps[1]
     x = inversion.trajectory[inversion.steps - 1:inversion.steps]
     cond = model.encode_prompts([DESC.source_prompt()])
     original = inversion.original.permute(0, 3, 1, 2)
-    ref = edges.reference_edges(original, tiny_pidinet)
+    ref = edges.reference_edges(original, pidinet)
     grads = {}
     for term in ("sobel", "pidinet"):
         u = model.empty_embedding()[0].clone().requires_grad_(True)
         out = model.unet_out(torch.cat([x, x]), t, torch.stack([u, cond[0]]))
         eps = out[:1] + 2.5 * (out[1:] - out[:1])
         image = model.decode(sched.step(eps, t, x).pred_original_sample)
-        sobel_term, pidinet_term = edges.edge_terms(image, ref, inversion.mask, tiny_pidinet)
+        sobel_term, pidinet_term = edges.edge_terms(image, ref, inversion.mask, pidinet)
         (sobel_term if term == "sobel" else pidinet_term).backward()
         grads[term] = u.grad.abs().sum()
     assert grads["sobel"] > 0 and grads["pidinet"] > 0
     # and through the whole optimisation: PiDiNet runs backward once per null-text iteration
     work = WorkCounter()
     settings = NullTextSettings(iters=1, growth=0, edge=True, gamma=0.1)
-    nt = nulltext_optimize(model, inversion, cond[0], 2.5, settings, tiny_pidinet, work=work)
+    nt = nulltext_optimize(model, inversion, cond[0], 2.5, settings, pidinet, work=work)
     assert work.get("pidinet", "backward") == inversion.steps
     assert work.get("pidinet", "forward") == inversion.steps + 1  # + the reference's edges
     assert all(loss[4] > 0 for loss in nt.losses)
