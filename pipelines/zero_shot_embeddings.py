@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .descriptions import Description
 from .errors import InputError
 from .zero_shot_attention import CrossAttentionStore, attention_control, refinement_factor
-from .zero_shot_model import WorkCounter, ZeroShotModel
+from .zero_shot_model import WorkCounter, ZeroShotModel, gradients
 
 MASK_THRESHOLD = 100 / 255  # official binarisation of the resized mask
 
@@ -164,7 +164,7 @@ def refine_embeddings(model: ZeroShotModel, trajectory: torch.Tensor, timesteps,
         raise InputError("advancing the latents needs the full DDIM schedule: pass all the inversion's timesteps "
                          "(or refine on the trajectory)")
 
-    with model.counting(work), attention_control(model.unet, None) as hub:
+    with model.counting(work), attention_control(model.unet, None) as hub, gradients():
         with torch.no_grad():
             base = model.text_encoder.get_input_embeddings()(ids).float()
         fg_init = base[0, fg_pos].detach().clone()

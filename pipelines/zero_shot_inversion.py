@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .zero_shot_model import WorkCounter, ZeroShotModel
+from .zero_shot_model import WorkCounter, ZeroShotModel, gradients
 
 
 @dataclass
@@ -139,7 +139,7 @@ def nulltext_optimize(model: ZeroShotModel, inversion: Inversion, cond: torch.Te
     if use_edge:
         original = inversion.original.permute(0, 3, 1, 2).to(device)
         mask = (inversion.mask > 100 / 255).float().to(device)
-    with model.counting(work, pidinet):
+    with model.counting(work, pidinet), gradients():
         if use_edge:
             ref = edges.reference_edges(original, pidinet if settings.gamma else None)
         u = model.empty_embedding()[0].clone().float().requires_grad_(True)

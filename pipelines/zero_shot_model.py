@@ -126,6 +126,17 @@ class _Counting:
         self.hooked.clear()
 
 
+def gradients():
+    """Context for the optimisation steps: gradients on even inside a caller's ``no_grad``. Under
+    ``torch.inference_mode()`` (ComfyUI runs nodes in it) nothing can be differentiated: say so."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "the zero-shot optimisation needs autograd, but torch.inference_mode() is on: run it outside inference "
+            "mode with weights created outside it (the pack's nodes do this through host.autograd_node)"
+        )
+    return torch.enable_grad()
+
+
 # -------------------------------------------------------------------------------------------- model
 class ZeroShotModel:
     """A text-to-image Stable Diffusion model (4 latent input channels) prepared for the zero-shot method."""

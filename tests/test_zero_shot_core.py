@@ -355,3 +355,13 @@ def test_sd_layout_refines_at_a_quarter_of_the_latent_and_injects_at_every_level
     assert len(ctrl.recorded) == 2 * len(unet.attn_processors)
     assert sorted({p.shape[2] for *_, p in ctrl.recorded}) == [6, 24, 96, 384]  # 2x3 (mid) ... 16x24
     assert all(torch.equal(p[2], p[1]) for *_, p in ctrl.recorded)
+
+
+def test_optimisation_runs_inside_no_grad_and_refuses_inference_mode_clearly(model, inversion):
+    cond = model.encode_prompts([DESC.source_prompt()])[0]
+    settings = NullTextSettings(iters=1, growth=0, edge=False)
+    with torch.no_grad():
+        nt = nulltext_optimize(model, inversion, cond, 2.5, settings)
+    assert len(nt.losses) == inversion.steps
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        nulltext_optimize(model, inversion, cond, 2.5, settings)
