@@ -128,19 +128,19 @@ def test_a_folder_never_mixes_settings(data, tmp_path):
 def test_diffharmony_rows_use_name_derived_seeds(data, models_root, tmp_path):
     archive = models_root / "diffharmony" / "DiffHarmony"
     out = tmp_path / "dh"
-    s = bm.run(args(data, out, "--model", str(archive), "--resolution", "64", "--steps", "2", "--limit", "1",
-                    "--save-images", "--seed", "7"))
-    assert s["by_subset"]["all"]["count"] == 4 and "refine" in s["method"]
+    s = bm.run(args(data, out, "--model", str(archive), "--resolution", "32", "--steps", "2", "--limit", "1",
+                    "--subsets", "HFlickr,HCOCO", "--refine-resolution", "32", "--save-images", "--seed", "7"))
+    assert s["by_subset"]["all"]["count"] == 2 and "refine" in s["method"]
     settings = json.loads((out / "run.json").read_text())
-    assert settings["refiner"].endswith("refinement") and settings["resolution"] == 64
+    assert settings["refiner"].endswith("refinement") and settings["resolution"] == 32
     sample = ihd.list_split(data, "test", subsets="HFlickr")[0]
     row = next(r for r in read_csv(out / "per_image.csv") if r["name"] == sample.name)
     seed = ihd.name_seed(sample.name, 7)
     assert int(row["seed"]) == seed
     d = ihd.load_sample(sample)
     sd = dh.load_diffharmony(archive)
-    result = dh.harmonize(sd, d["composite"], d["mask"], seed=seed, steps=2, resolution=64, square=True,
-                          refiner=load_refiner(archive / "refinement"))
+    result = dh.harmonize(sd, d["composite"], d["mask"], seed=seed, steps=2, resolution=32, square=True,
+                          refiner=load_refiner(archive / "refinement"), refine_resolution=32)
     ref = metrics.image_metrics(result, d["real"], d["mask"])
     assert float(row["fmse"]) == pytest.approx(float(ref["fmse"][0]), abs=1e-5)
     saved = out / "images" / f"{sample.name}.png"
@@ -150,7 +150,7 @@ def test_diffharmony_rows_use_name_derived_seeds(data, models_root, tmp_path):
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")
 def test_two_process_accelerate_launch_writes_the_same_csv_as_one_process(data, models_root, tmp_path):
     archive = models_root / "diffharmony" / "DiffHarmony"
-    common = ["--data", str(data), "--model", str(archive), "--resolution", "64", "--steps", "2", "--limit", "1",
+    common = ["--data", str(data), "--model", str(archive), "--resolution", "32", "--steps", "2", "--limit", "1",
               "--no-refine", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
