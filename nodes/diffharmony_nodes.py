@@ -212,11 +212,12 @@ class HarmonizeRefine:
             "mask": ("MASK", {"tooltip": "Foreground mask."}),
             "resolution": ("INT", {"default": 256, "min": 64, "max": 4096, "step": 16,
                                    "tooltip": "Refinement resolution (long side, multiple of 16; paper: 256)."}),
+            "fit": FIT,
         }}
 
-    def refine(self, refiner, harmonized, composite, mask, resolution):
+    def refine(self, refiner, harmonized, composite, mask, resolution, fit):
         device = host.load_to_device(refiner)
-        return (rf.refine(refiner, harmonized, composite, mask, resolution, device=device),)
+        return (rf.refine(refiner, harmonized, composite, mask, resolution, device=device, square=fit == FITS[1]),)
 
 
 class HarmonizeRestore:

@@ -187,5 +187,6 @@ def harmonize(sd: SDComponents, image: torch.Tensor, mask: torch.Tensor, seed: i
     if refiner is not None:
         from .refiner import refine
 
-        harmonized = refine(refiner, harmonized, image, mask, refine_resolution, device=module_device(refiner))
+        harmonized = refine(refiner, harmonized, image, mask, refine_resolution, device=module_device(refiner),
+                            square=square)
     return restore(harmonized, image, mask, feather=feather, detail=detail)

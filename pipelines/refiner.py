@@ -134,17 +134,17 @@ def refiner_input(harmonized: torch.Tensor, composite: torch.Tensor, mask: torch
 
 @torch.no_grad()
 def refine(model: RefinerUNet, harmonized: torch.Tensor, composite: torch.Tensor, mask: torch.Tensor,
-           resolution: int = 256, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Refine a harmonized IMAGE. All inputs are resized to ``resolution`` on the long side (a multiple of
-    16; the official code uses a 256 square, which ``square`` images reproduce). Returns an IMAGE at that
-    size; restore.py brings it back to the composite's size."""
+           resolution: int = 256, device: torch.device | str = "cpu", square: bool = False) -> torch.Tensor:
+    """Refine a harmonized IMAGE. All inputs are resized to ``resolution`` on the long side, keeping the
+    composite's aspect ratio (sides multiples of 16), or to a ``resolution`` square as the official code does
+    (``square=True``). Returns an IMAGE at that size; restore.py brings it back to the composite's size."""
     if resolution % 16 or resolution < 16:
         raise InputError(f"refine resolution must be a positive multiple of 16, got {resolution}")
     composite, mask = images.image_and_mask(composite, mask)
     harmonized = images.image_batch(harmonized, "harmonized")
     harmonized, composite = images.match_batches(harmonized, composite)
     mask = images.match_batches(composite, mask)[1]
-    size = images.fit_size(composite.shape[1], composite.shape[2], resolution, multiple=16)
+    size = images.fit_size(composite.shape[1], composite.shape[2], resolution, multiple=16, square=square)
     dtype = next(model.parameters()).dtype
     h = images.to_signed(images.resize_images(harmonized, size))
     c = images.to_signed(images.resize_images(composite, size))

@@ -73,7 +73,7 @@ def run_chain(sd, refiner, image, mask, seed, steps, res, refine_res):
     (lmask,) = N.HarmonizeMaskToLatent().downsample(mask, lat)
     (out,) = N.HarmonizeDiffHarmonySampler().sample(sd, lat, lmask, seed, steps, "euler_ancestral", 1.0)
     (dec,) = N.HarmonizeDiffHarmonyDecode().decode(sd, out)
-    (ref,) = N.HarmonizeRefine().refine(refiner, dec, image, mask, refine_res)
+    (ref,) = N.HarmonizeRefine().refine(refiner, dec, image, mask, refine_res, "keep aspect")
     (res_img,) = N.HarmonizeRestore().restore(ref, image, mask, 0, "resample")
     return res_img
 
@@ -265,10 +265,12 @@ def test_refiner_is_residual_on_harmonized_channels(refiner):
     torch.testing.assert_close(out, body + x[:, :3])
 
 
-def test_refine_resolution_must_be_multiple_of_16(refiner):
-    image, mask = make_composite(32, 32)
+def test_refine_resolution_must_be_multiple_of_16_and_square_fit(refiner):
+    image, mask = make_composite(32, 48)
     with pytest.raises(InputError, match="multiple of 16"):
         rf.refine(refiner, image, image, mask, resolution=40)
+    assert rf.refine(refiner, image, image, mask, resolution=32).shape == (1, 16, 32, 3)
+    assert rf.refine(refiner, image, image, mask, resolution=32, square=True).shape == (1, 32, 32, 3)
 
 
 def test_loader_nodes_list_and_load_models(models_env):
