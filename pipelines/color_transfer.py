@@ -162,8 +162,16 @@ class AffineGrid:
         coeffs = self.coeffs.float()
         hc, wc = coeffs.shape[-2:]
         x0, x1, fx = self._taps(ww, self.size[1], wc, 0, ww)
-        cols = torch.lerp(coeffs[:, :, x0], coeffs[:, :, x1], fx)  # [12, hc, W]: horizontal pass, once
         r0, r1, fy = self._taps(hh, self.size[0], hc, 0, hh)
+        cache: dict[int, torch.Tensor] = {}
+
+        def grid_row(k: int) -> torch.Tensor:  # grid row k interpolated along x to the output width: [12, W]
+            if k not in cache:
+                if len(cache) > 2:
+                    cache.pop(min(cache))
+                cache[k] = torch.lerp(coeffs[:, k, x0], coeffs[:, k, x1], fx)
+            return cache[k]
+
         max_rows = max(1, int(strip_pixels) // ww)
         y0 = 0
         while y0 < hh:
@@ -171,8 +179,8 @@ class AffineGrid:
             y1 = y0 + 1
             while y1 < hh and y1 - y0 < max_rows and int(r0[y1]) == k:
                 y1 += 1
-            base = cols[:, k, None, :]
-            nxt = cols[:, int(r1[y0]), None, :]
+            base = grid_row(k)[:, None, :]
+            nxt = grid_row(int(r1[y0]))[:, None, :]
             c = torch.addcmul(base.expand(-1, y1 - y0, -1), nxt - base, fy[y0:y1, None])  # [12, rows, W]
             g = image[y0:y1].float().permute(2, 0, 1).contiguous()
             chans = []

@@ -5,31 +5,34 @@ The zero-shot harmonization paper proposes handing its color change to a human e
 lattice of ``N x N x N`` nodes (N = 17, 33 or 65) with trilinear interpolation in between; Photoshop,
 DaVinci Resolve, Premiere and ffmpeg (``lut3d``) read it as a ``.cube`` file.
 
-**Fitting: lattice regression with a thin-plate smoothness term.** The unknowns are the node values
-``L`` themselves, and the data term is what the LUT will actually do: every foreground pixel's composite
-color ``x_i`` is mapped by trilinear interpolation of the lattice, ``Phi(x_i) L``, and compared with its
+**Fitting: lattice regression with a smoothness term.** The unknowns are the node values ``L``
+themselves, and the data term is what the LUT will actually do: every foreground pixel's composite color
+``x_i`` is mapped by trilinear interpolation of the lattice, ``Phi(x_i) L``, and compared with its
 harmonized color ``y_i`` (mask-weighted least squares; Garcia & Gupta, "Lattice regression", NIPS 2009).
-A foreground covers only a small part of the RGB cube, so most cells hold no data; they are filled by the
-regulariser, the discrete thin-plate energy ``integral |Hessian f|^2`` (all second differences, mixed ones
-included, scaled with the lattice spacing so the same ``smoothness`` means the same thing at 17, 33 and 65).
-Its null space is exactly the affine maps, which has two consequences we rely on:
+A foreground covers only a small part of the RGB cube, so most cells hold no data. They are filled by the
+regulariser: the membrane energy ``integral |grad d|^2`` of the *deviation* ``d = f - A`` of the LUT from the
+global affine least-squares fit ``A`` of the same pairs (discrete: squared first differences between
+neighbouring nodes, scaled with the lattice spacing so the same ``smoothness`` means the same thing at 17,
+33 and 65). Consequences:
 
-- the filled-in colors continue the fitted mapping smoothly (affinely, far from the data) instead of
-  falling back to the identity or to noise, and
-- a pure affine color change is reproduced exactly (trilinear interpolation of an affine map is exact and
-  costs no smoothness), while a smooth nonlinear change (gamma, tone curves) is reproduced to within the
-  interpolation error of the lattice.
+- colors the foreground lacks get a smooth blend of the nearby fitted corrections, tending to the global
+  affine color change far from any data (never to the identity, never to noise);
+- a pure affine color change is reproduced exactly over the whole cube (zero deviation costs nothing, and
+  trilinear interpolation of an affine map is exact), while a smooth nonlinear change (gamma, tone curves,
+  hue-dependent shifts) is reproduced to within the lattice's interpolation error on the colors seen;
+- a first-order energy keeps the linear system well conditioned (conjugate gradients converge in O(N)
+  iterations; a second-order thin-plate energy, which we tried first, needs O(N^2) and was 10-30x slower).
 
 Why not fit a global affine/polynomial model and sample it? An affine model cannot express tone curves or
-hue-dependent changes, and a polynomial of useful degree oscillates wildly outside the colors it saw. Why
-not splat samples into cells and fill holes? Splatting averages nearby colors (a blur of the mapping)
-and hole filling has no notion of the data's fidelity; lattice regression fits the interpolated LUT to the
-data directly.
+hue-dependent changes, and a polynomial of useful degree oscillates outside the colors it saw. Why not
+splat samples into cells and fill holes? Splatting averages nearby colors (a blur of the mapping) and
+hole filling ignores how well the interpolated LUT matches the data; lattice regression fits it directly.
 
-The system (one per output channel, same matrix) is solved by preconditioned conjugate gradients, warm
-started at the global affine least-squares fit (the regulariser's null space, so CG only has to add the
-nonlinear part), coarse to fine (17 -> 33 -> 65). Per-cell 8x8 normal blocks are accumulated once, so each
-CG iteration costs O(occupied cells + nodes) whatever the number of pixels. Float64, deterministic.
+The system (one per output channel, same sparse matrix) is solved by Jacobi-preconditioned conjugate
+gradients, coarse to fine (17 -> 33 -> 65, each level warm-started from the previous one, the first from
+the affine fit), to a relative residual of ``CG_TOL``. The data term is accumulated once per level as 8x8
+blocks per occupied cell (a sparse matrix), so an iteration costs O(occupied cells + nodes) whatever the
+number of pixels. Float64, deterministic.
 
 ``.cube`` format (Adobe "Cube LUT Specification 1.0"): text lines; ``#`` comments; optional
 ``TITLE "text"``; ``LUT_3D_SIZE N`` (2..256); optional ``DOMAIN_MIN r g b`` / ``DOMAIN_MAX r g b`` (default
@@ -51,7 +54,7 @@ from .errors import InputError
 
 LUT_SIZES = (17, 33, 65)
 DEFAULT_SIZE = 33
-DEFAULT_SMOOTHNESS = 1e-4  # weight of the thin-plate energy against the mean squared color error
+DEFAULT_SMOOTHNESS = 1e-4  # weight of the membrane energy against the mean squared color error
 MAX_CUBE_SIZE = 256  # the spec's upper bound for LUT_3D_SIZE
 CG_TOL = 1e-5  # relative residual: the table is then within ~1e-3 of the converged one (< one 8-bit level)
 CG_MAX_ITERS = 1000

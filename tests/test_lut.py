@@ -77,8 +77,9 @@ def test_lut_reproduces_a_global_grade_on_a_real_photo(size):
 
 
 def test_affine_grade_is_exact_everywhere_even_where_the_foreground_has_no_colors():
-    """Colors the foreground lacks are filled by the smoothness term, whose null space is the affine maps:
-    an affine grade is therefore reproduced over the whole cube, not only on the fitted colors."""
+    """Colors the foreground lacks are filled by the smoothness term, which penalises only the deviation
+    from the global affine fit: an affine grade is therefore reproduced over the whole cube, not only on
+    the fitted colors."""
     gt = photo("coffee")
     mask = ellipse_mask(400, 600)
     lut = L.fit_lut(gt, affine_change(gt), mask, size=17)
