@@ -126,7 +126,7 @@ def detail_correlation(pred, gt, mask) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
-def quality(name: str, ext: str) -> list[tuple]:
+def quality(name: str, ext: str) -> tuple[list[tuple], float]:
     gt = image_io.load_image(DATA / f"{name}_composite.{ext}")
     mask = (image_io.load_mask(DATA / f"{name}_mask.{ext}") >= 0.5).float()
     composite = torch.where(mask[..., None] > 0.5, change(gt), gt)
@@ -143,20 +143,7 @@ def quality(name: str, ext: str) -> list[tuple]:
     return rows, t_transfer
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--width", type=int, default=5472)
-    ap.add_argument("--height", type=int, default=3648)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--skip-quality", action="store_true")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} cores, "
-          f"load average {load:.1f}")
-
+def speed(args) -> None:
     composite, harmonized, mask, what = big_inputs(args.width, args.height)
     mp = args.width * args.height / 1e6
     print(f"\n== {args.width}x{args.height} ({mp:.1f} MP) from {what}; harmonized "
@@ -192,8 +179,22 @@ def main() -> None:
         print(f"    CG iterations per level {fitted.info['cg_iterations']}, fit RMSE {fitted.info['rmse']:.4f}")
     row(f"apply_lut size {fitted.size} to {mp:.1f} MP", lambda: lut.apply_lut(composite, fitted))
     row(f"apply_lut size {fitted.size} inside the mask", lambda: lut.apply_lut(composite, fitted, mask))
-    del composite, out, mask
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--width", type=int, default=5472)
+    ap.add_argument("--height", type=int, default=3648)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-quality", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} cores, "
+          f"load average {load:.1f}")
+    speed(args)  # its 20 MP tensors are freed when it returns
     if args.skip_quality:
         return
     if not DATA.is_dir():
@@ -209,7 +210,6 @@ def main() -> None:
         for r in rows:
             print(f"{r[0]:6s} {r[1]:>10s} {r[2]:10s} {r[3]:8.2f} {r[4]:8.1f} {r[5]:12.3f}")
         print(f"{'':6s} {'':>10s} (transfer took {t:.2f} s)")
-
 
 if __name__ == "__main__":
     main()
