@@ -97,13 +97,13 @@ def _sym(v: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of ``[C, H, W]`` (reflect borders); sigma 0 returns ``x``."""
+    """Gaussian blur of ``[C, H, W]`` (replicated borders: any size, even 1 px); sigma 0 returns ``x``."""
     if sigma <= 0:
         return x
     import kornia
 
     k = 2 * int(math.ceil(3 * sigma)) + 1
-    y = kornia.filters.gaussian_blur2d(x[None].float(), (k, k), (sigma, sigma), border_type="reflect")[0]
+    y = kornia.filters.gaussian_blur2d(x[None].float(), (k, k), (sigma, sigma), border_type="replicate")[0]
     return y.to(x.dtype)
 
 

@@ -254,6 +254,16 @@ def test_empty_mask_fits_the_whole_frame_and_restore_keeps_the_composite():
     assert torch.equal(restore.restore(harmonized, gt, empty, detail="transfer"), gt)
 
 
+@pytest.mark.parametrize("full,work", [((10, 10), (1, 1)), ((1, 50), (1, 5)), ((37, 53), (3, 4)),
+                                       ((300, 20), (64, 4)), ((64, 64), (2048, 2048))])
+def test_any_size_and_working_size(full, work):
+    torch.manual_seed(0)
+    composite = torch.rand(1, *full, 3)
+    harmonized = images.resize_images(global_change(composite), work)
+    out = ct.transfer_color(composite, harmonized, torch.ones(1, *full))
+    assert out.shape == composite.shape and torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("bad", [
     dict(mask=torch.ones(1, 50, 50)),  # aspect differs from the 120x160 composite
     dict(harmonized=torch.rand(1, 30, 40, 2)),  # two channels
