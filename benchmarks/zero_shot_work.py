@@ -66,10 +66,11 @@ def official_pass(s: zs.ZeroShotSettings) -> dict:
     return {
         "unet": {"forward": steps + r * steps + steps + sum(nt) + steps + steps,
                  "samples": 2 * steps + 4 * r * steps + 4 * steps + 2 * sum(nt) + 2 * steps + 4 * steps,
-                 "backward": r * steps + sum(nt)},
-        "vae_encoder": {"forward": 1, "samples": 1, "backward": 0},
-        "vae_decoder": {"forward": sum(nt) + 2, "samples": sum(nt) + 2, "backward": sum(nt) if edge else 0},
-        "pidinet": {"forward": sum(nt) + 1, "samples": sum(nt) + 1, "backward": 0},
+                 "backward": r * steps + sum(nt), "backward_samples": 4 * r * steps + 2 * sum(nt)},
+        "vae_encoder": {"forward": 1, "samples": 1, "backward": 0, "backward_samples": 0},
+        "vae_decoder": {"forward": sum(nt) + 2, "samples": sum(nt) + 2, "backward": sum(nt) if edge else 0,
+                        "backward_samples": sum(nt) if edge else 0},
+        "pidinet": {"forward": sum(nt) + 1, "samples": sum(nt) + 1, "backward": 0, "backward_samples": 0},
     }
 
 
@@ -102,7 +103,7 @@ def count_pass(model: ZeroShotModel, s: zs.ZeroShotSettings, pidinet) -> WorkCou
 def fmt(entry: dict | None) -> str:
     if not entry:
         return "-"
-    return f"{entry['forward']}f/{entry['backward']}b ({entry['samples']} rows)"
+    return f"{entry['forward']}f/{entry['backward']}b ({entry['samples']}/{entry['backward_samples']} rows)"
 
 
 def scale(entry: dict | None, k: int) -> dict | None:
@@ -112,7 +113,8 @@ def scale(entry: dict | None, k: int) -> dict | None:
 def print_counts(presets: list[str]) -> None:
     torch.set_num_threads(1)
     model, pidinet = tiny_model(), tiny_pidinet()
-    print("Work per image: forward f / backward b passes (rows = sum of batch sizes); 'ours' counted by hooks,")
+    print("Work per image: forward f / backward b passes (rows: batch rows of the forward / backward passes); "
+          "'ours' counted by hooks,")
     print("'official' = the official code's count for the same settings. Per image = passes per image x per pass.")
     for name in presets:
         s = zs.PRESETS[name]
@@ -123,17 +125,17 @@ def print_counts(presets: list[str]) -> None:
               f"-> at most {passes} passes per image; refinement {s.refine_iters}/step "
               f"({'on the inversion latents' if s.refine_on_trajectory else 'advancing'}), null-text "
               f"{s.nulltext_iters}+step//{s.nulltext_growth if s.nulltext_growth else 'inf'}, edge {s.edge}")
-        print(f"  {'network':13} {'ours per pass':>24} {'official per pass':>24} {'ours per image':>26} "
-              f"{'official per image':>26}")
+        print(f"  {'network':13} {'ours per pass':>28} {'official per pass':>28} {'ours per image':>32} "
+              f"{'official per image':>32}")
         for net in NETS:
             o, f = ours.get(net), off.get(net)
             if o is None and f is None:
                 continue
-            print(f"  {net:13} {fmt(o):>24} {fmt(f):>24} {fmt(scale(o, passes)):>26} {fmt(scale(f, passes)):>26}")
+            print(f"  {net:13} {fmt(o):>28} {fmt(f):>28} {fmt(scale(o, passes)):>32} {fmt(scale(f, passes)):>32}")
         ou, fu = ours["unet"], off["unet"]
-        print(f"  UNet rows (forward + backward) per image: ours {(ou['samples'] + ou['backward']) * passes}, "
-              f"official {(fu['samples'] + fu['backward']) * passes} "
-              f"(ratio {(ou['samples'] + ou['backward']) / (fu['samples'] + fu['backward']):.2f})")
+        rows_o, rows_f = ou["samples"] + ou["backward_samples"], fu["samples"] + fu["backward_samples"]
+        print(f"  UNet rows (forward + backward) per image: ours {rows_o * passes}, official {rows_f * passes} "
+              f"(ratio {rows_o / rows_f:.2f})")
 
 
 # ------------------------------------------------------------------------------------------- timing

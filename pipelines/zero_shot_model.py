@@ -25,13 +25,14 @@ COUNTED = ("unet", "vae_encoder", "vae_decoder", "text_encoder", "pidinet")
 # ----------------------------------------------------------------------------------------- counting
 @dataclass
 class WorkCounter:
-    """Passes per network: ``forward`` calls, ``samples`` (sum of the batch sizes of those calls) and
-    ``backward`` passes (gradients that flowed back through the network's output)."""
+    """Passes per network: ``forward`` calls, ``samples`` (sum of the batch sizes of those calls),
+    ``backward`` passes (gradients that flowed back through the network) and ``backward_samples`` (the batch
+    sizes of the forward calls those backward passes went through)."""
 
     counts: dict = field(default_factory=dict)
 
     def add(self, net: str, kind: str, n: int = 1) -> None:
-        entry = self.counts.setdefault(net, {"forward": 0, "samples": 0, "backward": 0})
+        entry = self.counts.setdefault(net, {"forward": 0, "samples": 0, "backward": 0, "backward_samples": 0})
         entry[kind] += int(n)
 
     def get(self, net: str, kind: str = "forward") -> int:
@@ -47,13 +48,14 @@ class WorkCounter:
         return {net: dict(self.counts[net]) for net in COUNTED if net in self.counts}
 
     def report(self) -> str:
-        """One line per network, e.g. ``unet: 250 forward (400 samples), 100 backward``."""
+        """One line per network, e.g. ``unet: 250 forward (400 rows), 100 backward (200 rows)``."""
         lines = []
         for net in COUNTED:
             if net not in self.counts:
                 continue
             e = self.counts[net]
-            lines.append(f"{net}: {e['forward']} forward ({e['samples']} samples), {e['backward']} backward")
+            lines.append(f"{net}: {e['forward']} forward ({e['samples']} rows), {e['backward']} backward "
+                         f"({e['backward_samples']} rows)")
         return "\n".join(lines) if lines else "no network passes"
 
 
@@ -111,6 +113,7 @@ class _Counting:
                         seen[0] = True
                         for w in counters:
                             w.add(net, "backward")
+                            w.add(net, "backward_samples", batch)
                     return grad
 
                 for t in watched:

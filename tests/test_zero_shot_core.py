@@ -295,17 +295,20 @@ def expected_work(s: zs.ZeroShotSettings, n_iter_per_step, pidinet: bool) -> dic
                 + S)  # P2P edit, one batched call per step
     unet_samples = (S + 2 * S * s.refine_iters + (0 if s.refine_on_trajectory else S)
                     + sum(2 + n if n else 2 for n in nt) + 3 * S)
+    rows = S * s.refine_iters * 2 + sum(nt)  # refinement: both prompts; null-text: the unconditional row
+    dec = sum(nt) if edge else 0
     out = {
-        "unet": {"forward": unet_fwd, "samples": unet_samples, "backward": S * s.refine_iters + sum(nt)},
-        "vae_encoder": {"forward": 1, "samples": 1, "backward": 0},
-        "vae_decoder": {"forward": (sum(nt) if edge else 0) + 1, "samples": (sum(nt) if edge else 0) + 1,
-                        "backward": sum(nt) if edge else 0},
+        "unet": {"forward": unet_fwd, "samples": unet_samples, "backward": S * s.refine_iters + sum(nt),
+                 "backward_samples": rows},
+        "vae_encoder": {"forward": 1, "samples": 1, "backward": 0, "backward_samples": 0},
+        "vae_decoder": {"forward": dec + 1, "samples": dec + 1, "backward": dec, "backward_samples": dec},
         # refinement: iters (with gradient) + 1 per step, both prompts at once
         "text_encoder": {"forward": S * (s.refine_iters + 1), "samples": 2 * S * (s.refine_iters + 1),
-                         "backward": S * s.refine_iters},
+                         "backward": S * s.refine_iters, "backward_samples": 2 * S * s.refine_iters},
     }
     if pidinet and edge:
-        out["pidinet"] = {"forward": sum(nt) + 1, "samples": sum(nt) + 1, "backward": sum(nt)}
+        out["pidinet"] = {"forward": sum(nt) + 1, "samples": sum(nt) + 1, "backward": sum(nt),
+                          "backward_samples": sum(nt)}
     return out
 
 
