@@ -70,3 +70,22 @@ def test_diffharmony_workflow_runs_node_by_node(models_env, tmp_path):
     preview = saved["preview"]
     assert preview.shape[1:3] == (192, 256)  # the decoded working-resolution image: long side 256
     assert len(results) == 12
+
+
+def test_detail_and_lut_workflow_runs_node_by_node(models_env, tmp_path, monkeypatch):
+    from comfyui_harmonize.pipelines import lut as lut_mod
+
+    out_dir = tmp_path / "output"
+    monkeypatch.setenv("HARMONIZE_OUTPUT_DIR", str(out_dir))
+    image, mask = write_inputs(tmp_path, 389, 517)
+    results = wr.run_workflow(ROOT / "workflows" / "diffharmony_detail_lut.json", comfyui_harmonize.NODE_CLASS_MAPPINGS,
+                              tmp_path, overrides={("HarmonizeDiffHarmony", "resolution"): 256})
+    out = dict(wr.SaveImage.saved)["harmonize/diffharmony_detail"]
+    assert out.shape == image.shape
+    bg = mask[..., None].expand_as(image) == 0
+    assert torch.equal(out[bg], image[bg])
+    cubes = list(out_dir.rglob("*.cube"))
+    assert len(cubes) == 1
+    lut = lut_mod.read_cube(str(cubes[0]))
+    assert lut.size == 33 and torch.isfinite(lut.table).all()
+    assert len(results) == 9
