@@ -2,6 +2,10 @@
 so every node also runs (and is tested) without ComfyUI installed."""
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import functools
 import os
 import weakref
 
@@ -91,9 +95,81 @@ def load_to_device(module: torch.nn.Module) -> torch.device:
             patcher = mp.ModelPatcher(module, load_device=device, offload_device=offload_device())
             _patchers[module] = patcher
         mm.load_models_gpu([patcher])
-        return device
-    module.to(device)
+    else:
+        module.to(device)
+    if not torch.is_inference_mode_enabled():  # inside autograd(): weights must be able to take part
+        _materialize(module)
     return device
+
+
+# ------------------------------------------------------------------------------------------ autograd
+@contextlib.contextmanager
+def autograd():
+    """Gradients inside a node. ComfyUI runs every node under ``torch.inference_mode()``: there
+    ``requires_grad`` records nothing, and a tensor made in that mode (another node's output, weights a
+    loader node created or model management moved) cannot be saved for backward. Inside this context
+    inference mode is off and gradients are on; outside ComfyUI it only enables gradients."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def normal(obj):
+    """``obj`` with every inference-mode tensor replaced by a normal copy (through dicts, lists, tuples and
+    dataclasses; modules are left to load_to_device). Containers without such tensors are returned as they
+    are, so caches keyed on them keep working; the caller's objects are never modified."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_inference():
+            with torch.inference_mode(False):
+                return obj.clone()
+        return obj
+    if isinstance(obj, dict):
+        out = {k: normal(v) for k, v in obj.items()}
+        return obj if all(out[k] is v for k, v in obj.items()) else out
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        items = [normal(v) for v in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changed = {f.name: normal(getattr(obj, f.name)) for f in dataclasses.fields(obj) if hasattr(obj, f.name)}
+        changed = {k: v for k, v in changed.items() if v is not getattr(obj, k)}
+        if not changed:
+            return obj
+        out = copy.copy(obj)
+        for k, v in changed.items():
+            object.__setattr__(out, k, v)
+        return out
+    return obj
+
+
+def _materialize(module: torch.nn.Module) -> None:
+    """Replace inference-mode parameters and buffers of ``module`` in place by normal copies (shared
+    parameters stay shared). A no-op when there are none, e.g. outside ComfyUI."""
+    if not any(t.is_inference() for t in module.parameters()) and \
+            not any(t.is_inference() for t in module.buffers()):
+        return
+    done: dict[int, torch.Tensor] = {}
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    if id(p) not in done:
+                        done[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                    m._parameters[name] = done[id(p)]
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    if id(b) not in done:
+                        done[id(b)] = b.clone()
+                    m._buffers[name] = done[id(b)]
+
+
+def autograd_node(method):
+    """Decorator for a node method that optimises (backward passes): runs it inside autograd() with its
+    tensor inputs made normal. Models it uses must be put on the device with load_to_device inside."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with autograd():
+            return method(self, *[normal(a) for a in args], **{k: normal(v) for k, v in kwargs.items()})
+
+    return run
 
 
 def soft_empty_cache() -> None:

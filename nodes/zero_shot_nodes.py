@@ -206,6 +206,7 @@ class HarmonizeZeroShotInvert:
             "seed": SEED,
         }, "optional": {"settings": SETTINGS_IN}}
 
+    @host.autograd_node  # ComfyUI runs nodes under inference mode; this one optimises
     def invert(self, model, image, mask, preset, resolution, seed, settings=None):
         s = _settings(preset, settings, seed=seed, resolution=resolution)
         m = _on_device(model)
@@ -240,6 +241,7 @@ class HarmonizeZeroShotRefine:
             "preset": PRESET,
         }, "optional": {"settings": SETTINGS_IN}}
 
+    @host.autograd_node  # ComfyUI runs nodes under inference mode; this one optimises
     def refine(self, model, inversion, descriptions, candidate, preset, settings=None):
         cands = descriptions.candidates
         if not 0 <= candidate < len(cands):
@@ -280,6 +282,7 @@ class HarmonizeZeroShotEdit:
             "detail": DETAIL,
         }, "optional": {"pidinet": PIDINET_IN, "settings": SETTINGS_IN}}
 
+    @host.autograd_node  # ComfyUI runs nodes under inference mode; this one optimises
     def edit(self, model, inversion, embeddings, preset, painterly, feather, detail, pidinet=None, settings=None):
         s = _settings(preset, settings, painterly=painterly)
         m = _on_device(model)
@@ -330,6 +333,7 @@ class HarmonizeZeroShotIterative:
             "settings": SETTINGS_IN,
         }}
 
+    @host.autograd_node  # ComfyUI runs nodes under inference mode; this one optimises
     def run(self, model, image, mask, descriptions, preset, painterly, resolution, seed, feather, detail, pidinet=None,
             evaluator=None, settings=None):
         s = _settings(preset, settings, painterly=painterly, resolution=resolution, seed=seed)
