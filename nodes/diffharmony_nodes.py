@@ -5,12 +5,10 @@ import torch
 
 from ..pipelines import diffharmony as dh
 from ..pipelines import loading, refiner as rf
-from ..pipelines.errors import WeightsError
 from ..pipelines.restore import DETAIL_MODES, restore
 from . import host
 
 CATEGORY = "harmonize/DiffHarmony"
-DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FITS = ("keep aspect", "square (official)")
 MODEL_FOLDERS = ("diffharmony", "diffusers", "checkpoints")
 
@@ -30,28 +28,11 @@ DETAIL = (list(DETAIL_MODES), {"default": "resample", "tooltip": "resample: upsc
 
 
 def _model_choices() -> dict[str, object]:
-    choices = {}
-    for folder in MODEL_FOLDERS:
-        found = loading.find_models(host.model_roots(folder), files=folder == "checkpoints")
-        for name, path in found.items():
-            choices[f"{folder}/{name}"] = path
-    return choices
+    return host.sd_model_choices(MODEL_FOLDERS)
 
 
 def _refiner_choices() -> dict[str, object]:
     return {f"diffharmony/{k}": v for k, v in rf.find_refiners(host.model_roots("diffharmony")).items()}
-
-
-def _resolve(choice: str, choices: dict, what: str, folders) -> object:
-    if choice not in choices:
-        roots = [r for f in folders for r in host.model_roots(f)]
-        raise WeightsError(f"{what} {choice!r} not found. Searched: {', '.join(map(str, roots))}. "
-                           f"Found: {', '.join(choices) or 'nothing'}.")
-    return choices[choice]
-
-
-def _dtype(name: str) -> torch.dtype:
-    return DTYPES[name] or host.default_dtype(host.torch_device())
 
 
 def _on_device(sd: loading.SDComponents) -> loading.SDComponents:
@@ -77,12 +58,12 @@ class HarmonizeDiffHarmonyLoader:
         return {"required": {
             "model": (sorted(_model_choices()), {"tooltip": "DiffHarmony archive folder, diffusers folder or "
                                                             ".safetensors inpainting checkpoint."}),
-            "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: fp16/bf16 on CUDA, fp32 on CPU."}),
+            "dtype": (list(host.DTYPES), {"default": "auto", "tooltip": "auto: fp16/bf16 on CUDA, fp32 on CPU."}),
         }}
 
     def load(self, model, dtype):
-        path = _resolve(model, _model_choices(), "model", MODEL_FOLDERS)
-        return (dh.load_diffharmony(path, _dtype(dtype), tokenizer_dir=host.comfy_tokenizer_dir()),)
+        path = host.resolve_choice(model, _model_choices(), "model", MODEL_FOLDERS)
+        return (dh.load_diffharmony(path, host.dtype_for(dtype), tokenizer_dir=host.comfy_tokenizer_dir()),)
 
 
 class HarmonizeDiffHarmonyEncode:
@@ -187,12 +168,12 @@ class HarmonizeRefinerLoader:
         return {"required": {
             "refiner": (sorted(_refiner_choices()), {"tooltip": "A refinement/ folder (config.json + "
                                                                 "diffusion_pytorch_model.safetensors)."}),
-            "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: fp16/bf16 on CUDA, fp32 on CPU."}),
+            "dtype": (list(host.DTYPES), {"default": "auto", "tooltip": "auto: fp16/bf16 on CUDA, fp32 on CPU."}),
         }}
 
     def load(self, refiner, dtype):
-        path = _resolve(refiner, _refiner_choices(), "refiner", ("diffharmony",))
-        return (rf.load_refiner(path, _dtype(dtype)),)
+        path = host.resolve_choice(refiner, _refiner_choices(), "refiner", ("diffharmony",))
+        return (rf.load_refiner(path, host.dtype_for(dtype)),)
 
 
 class HarmonizeRefine:

@@ -1,14 +1,12 @@
 """Harmony evaluator nodes: load the ResNet-50 classifier of the zero-shot method and score images."""
 from __future__ import annotations
 
-import torch
 
 from ..pipelines import evaluator as ev
 from ..pipelines.errors import WeightsError
 from . import host
 
 FOLDER = "harmony_evaluator"
-DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _choices() -> dict:
@@ -32,7 +30,7 @@ class HarmonizeEvaluatorLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "evaluator_name": (sorted(_choices()), {"tooltip": "weights file in models/harmony_evaluator"}),
-            "dtype": (list(DTYPES), {"default": "fp32", "tooltip": "precision of the classifier; auto = fp16/bf16 "
+            "dtype": (list(host.DTYPES), {"default": "fp32", "tooltip": "precision of the classifier; auto = fp16/bf16 "
                                                                  "on CUDA, fp32 on the CPU"}),
         }}
 
@@ -42,7 +40,7 @@ class HarmonizeEvaluatorLoader:
             roots = ", ".join(host.model_roots(FOLDER))
             raise WeightsError(f"harmony evaluator {evaluator_name!r} not found in {roots}; found: "
                                f"{', '.join(choices) or 'nothing'}")
-        dt = DTYPES[dtype] or host.default_dtype(host.torch_device())
+        dt = host.dtype_for(dtype)
         model = ev.load_evaluator(choices[evaluator_name], dtype=dt)
         model.to_device = host.load_to_device
         return (model,)

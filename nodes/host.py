@@ -243,3 +243,35 @@ def output_directory() -> str:
         except Exception:
             pass
     return os.environ.get(OUTPUT_ENV) or os.path.join(os.getcwd(), "output")
+
+
+# --------------------------------------------------------------------------- model choices for loader nodes
+DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_for(name: str) -> torch.dtype:
+    """A loader's dtype widget: auto = fp16/bf16 on CUDA, fp32 elsewhere."""
+    return DTYPES[name] or default_dtype(torch_device())
+
+
+def sd_model_choices(folders: tuple[str, ...]) -> dict:
+    """Stable Diffusion models in ComfyUI's ``folders``, named ``<folder>/<name>``: diffusers folders and
+    DiffHarmony archives everywhere, single-file .safetensors only in ``checkpoints``."""
+    from ..pipelines.loading import find_models
+
+    choices = {}
+    for folder in folders:
+        for name, path in find_models(model_roots(folder), files=folder == "checkpoints").items():
+            choices[f"{folder}/{name}"] = path
+    return choices
+
+
+def resolve_choice(choice: str, choices: dict, what: str, folders: tuple[str, ...]):
+    """The path behind a loader's combo value, or a WeightsError naming the folders searched."""
+    if choice not in choices:
+        from ..pipelines.errors import WeightsError
+
+        roots = [r for f in folders for r in model_roots(f)]
+        raise WeightsError(f"{what} {choice!r} not found. Searched: {', '.join(map(str, roots))}. "
+                           f"Found: {', '.join(choices) or 'nothing'}.")
+    return choices[choice]

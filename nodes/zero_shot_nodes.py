@@ -10,13 +10,12 @@ import torch
 from ..pipelines import loading
 from ..pipelines import zero_shot as zs
 from ..pipelines import zero_shot_loop as zl
-from ..pipelines.errors import InputError, WeightsError
+from ..pipelines.errors import InputError
 from ..pipelines.restore import DETAIL_MODES
 from ..pipelines.zero_shot_model import WorkCounter, ZeroShotModel
 from . import host
 
 CATEGORY = "harmonize/zero-shot"
-DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODEL_FOLDERS = ("diffusers", "checkpoints")
 PRESETS = list(zs.PRESETS)
 PAPER = zs.PRESETS["paper"]
@@ -56,11 +55,7 @@ WORK_TIP = "Work done: forward/backward passes through the UNet, VAE, text encod
 
 
 def _model_choices() -> dict:
-    choices = {}
-    for folder in MODEL_FOLDERS:
-        for name, path in loading.find_models(host.model_roots(folder), files=folder == "checkpoints").items():
-            choices[f"{folder}/{name}"] = path
-    return choices
+    return host.sd_model_choices(MODEL_FOLDERS)
 
 
 def _on_device(model: ZeroShotModel) -> ZeroShotModel:
@@ -107,18 +102,13 @@ class HarmonizeZeroShotLoader:
             "model": (sorted(_model_choices()), {"tooltip": "Text-to-image SD 2-base / SD 1.x: a diffusers folder "
                                                             "(models/diffusers) or a .safetensors checkpoint "
                                                             "(models/checkpoints)."}),
-            "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: fp16 (bf16 where ComfyUI prefers it) on "
+            "dtype": (list(host.DTYPES), {"default": "auto", "tooltip": "auto: fp16 (bf16 where ComfyUI prefers it) on "
                                                                    "CUDA, fp32 on the CPU."}),
         }}
 
     def load(self, model, dtype):
-        choices = _model_choices()
-        if model not in choices:
-            roots = [r for f in MODEL_FOLDERS for r in host.model_roots(f)]
-            raise WeightsError(f"model {model!r} not found. Searched: {', '.join(map(str, roots))}. "
-                               f"Found: {', '.join(choices) or 'nothing'}.")
-        dt = DTYPES[dtype] or host.default_dtype(host.torch_device())
-        sd = loading.load_sd(choices[model], dt, tokenizer_dir=host.comfy_tokenizer_dir())
+        path = host.resolve_choice(model, _model_choices(), "model", MODEL_FOLDERS)
+        sd = loading.load_sd(path, host.dtype_for(dtype), tokenizer_dir=host.comfy_tokenizer_dir())
         return (ZeroShotModel(sd),)
 
 

@@ -10,7 +10,6 @@ import torch
 
 from comfyui_harmonize.nodes import diffharmony_nodes as N
 from comfyui_harmonize.nodes import host
-from comfyui_harmonize.pipelines import diffharmony as dh
 from conftest import make_composite
 
 
