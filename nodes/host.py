@@ -14,7 +14,7 @@ import torch
 MODELS_ENV = "HARMONIZE_MODELS_DIR"  # models root used when ComfyUI is not importable (tests, CLI)
 
 # Model folders the pack registers with ComfyUI, next to the built-in ones it also reads.
-PACK_FOLDERS = ("diffharmony", "pidinet", "harmony_evaluator")
+PACK_FOLDERS = ("diffharmony", "pidinet", "harmony_evaluator", "LLM")  # LLM: local VLMs, as other VLM packs use
 
 
 def _comfy(name: str):
