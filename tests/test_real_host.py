@@ -5,9 +5,10 @@ The host runs in its own Python (``COMFYUI_PYTHON``; by default a venv inside or
 ``scripts/host_env.sh``), on 127.0.0.1 at a free port, with everything it writes in a temporary folder:
 
 - tiny random-weight models in the real on-disk formats (the DiffHarmony archive with ``.bin`` weights and
-  ``refinement/``, a single-file SD inpainting ``.safetensors``, a PiDiNet ``.pth`` in the authors' layout,
-  a harmony-evaluator ``.safetensors``), mapped with ``extra_model_paths.yaml``, which also maps a
-  ``custom_nodes`` folder holding a link to this repository;
+  ``refinement/``, a single-file SD inpainting ``.safetensors``, a text-to-image diffusers folder, a
+  PiDiNet ``.pth`` in the authors' layout, a harmony-evaluator ``.safetensors``, a transformers VLM
+  folder), mapped with ``extra_model_paths.yaml``, which also maps a ``custom_nodes`` folder holding a
+  link to this repository;
 - the server log must show no import failure or traceback from the pack; ``/object_info`` must declare
   every node exactly as the pack does, with the model lists filled from those folders;
 - every ``workflows/*.json`` is loaded in the real front end in headless Chromium (``loadGraphData``, as a
@@ -93,6 +94,7 @@ PLACED = {
     "checkpoints": "tiny-sd15-inpainting.safetensors",  # single-file inpainting checkpoint
     "pidinet": "table5_pidinet-tiny.pth",  # the authors' checkpoint layout
     "harmony_evaluator": "tiny-evaluator.safetensors",
+    "LLM": "tiny-llava",  # a vision-language model folder (transformers), for the describe node
 }
 
 SUMMARY: dict = {"nodes": 0, "workflows": [], "notes": [], "started_s": None}
@@ -230,6 +232,10 @@ def write_models(root: Path) -> None:
     (root / "pidinet").mkdir(parents=True)
     torch.save({"epoch": 19, "state_dict": {f"module.{k}": v for k, v in pidi.state_dict().items()}},
                root / "pidinet" / PLACED["pidinet"])
+
+    import tiny_vlm
+
+    tiny_vlm.save_tiny_llava(root / "LLM" / PLACED["LLM"])
 
     torch.manual_seed(21)
     (root / "harmony_evaluator").mkdir(parents=True)
@@ -594,7 +600,8 @@ def test_model_folders_registered_with_comfyui(host):
         assert name in folders, f"{name} is not a ComfyUI model folder: {sorted(folders)}"
         mapped = str(host.root / "models" / name)
         default = os.path.join(os.path.realpath(COMFYUI_PATH), "models", name)
-        assert mapped in folders[name], f"{name}: extra_model_paths.yaml's {mapped} missing: {folders[name]}"
+        if name in PLACED:
+            assert mapped in folders[name], f"{name}: extra_model_paths.yaml's {mapped} missing: {folders[name]}"
         assert any(os.path.realpath(p) == default for p in folders[name]), \
             f"{name}: ComfyUI's own models/{name} is not searched: {folders[name]}"
     assert PLACED["pidinet"] in host.get("/models/pidinet")
