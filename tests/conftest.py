@@ -1,7 +1,6 @@
 """Shared fixtures: tiny models written once per session in the layouts users have on disk."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -11,25 +10,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, workflow_runner
 
 import tiny_models  # noqa: E402
+from tiny_models import write_refiner  # noqa: E402
 
 torch.set_num_threads(2)
-
-
-def write_refiner(folder: Path, in_channels: int = 7, seed: int = 5) -> Path:
-    """A refinement/ folder as released: config.json + diffusion_pytorch_model.safetensors."""
-    from safetensors.torch import save_file
-
-    from comfyui_harmonize.pipelines.refiner import RefinerUNet
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_models.refiner_config(in_channels)
-    torch.manual_seed(seed)
-    model = RefinerUNet(**cfg)
-    with torch.no_grad():  # a visible residual, so a test notices when the refiner is skipped
-        model.conv_out.weight.normal_(0, 0.05)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
-    return folder
 
 
 @pytest.fixture(scope="session")

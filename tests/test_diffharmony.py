@@ -239,7 +239,7 @@ def test_pickle_carrying_code_is_refused(tmp_path, models_root):
 
 
 def test_refiner_wrong_in_channels_and_weight_mismatch(tmp_path):
-    from conftest import write_refiner
+    from tiny_models import write_refiner
     import json
 
     folder = write_refiner(tmp_path / "r", in_channels=7)

@@ -210,7 +210,7 @@ def probe_host_env(python: str) -> str | None:
 # -------------------------------------------------------------------------------- tiny on-disk models
 def write_models(root: Path) -> None:
     """The PLACED models, tiny and random, each in the format a user downloads."""
-    from conftest import write_refiner  # the refinement/ writer shared with test_diffharmony
+    from tiny_models import write_refiner  # the refinement/ writer shared with test_diffharmony
 
     archive = root / "diffharmony" / PLACED["diffharmony"]
     tiny_models.save_diffusers_pipeline(archive / "base", in_channels=9, weights="bin")

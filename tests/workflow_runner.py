@@ -252,7 +252,8 @@ def to_api(workflow: dict, mappings: dict) -> dict:
 
 
 def execute(prompt: dict, mappings: dict) -> dict:
-    """Run an API-format prompt node by node in dependency order; returns {node_id: outputs}."""
+    """Run an API-format prompt node by node in dependency order, each under ``torch.inference_mode()``
+    as ComfyUI does; returns {node_id: outputs}."""
     classes = {**BUILTINS, **mappings}
     results: dict[str, tuple] = {}
     pending = dict(prompt)
@@ -265,7 +266,8 @@ def execute(prompt: dict, mappings: dict) -> dict:
             spec = pending.pop(key)
             cls = classes[spec["class_type"]]
             kwargs = {k: results[v[0]][v[1]] if isinstance(v, list) else v for k, v in spec["inputs"].items()}
-            out = getattr(cls(), cls.FUNCTION)(**kwargs)
+            with torch.inference_mode():  # as ComfyUI runs every node
+                out = getattr(cls(), cls.FUNCTION)(**kwargs)
             if isinstance(out, dict):
                 out = out.get("result", ())
             results[key] = tuple(out)
