@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-ASPECT_TOLERANCE = 0.02  # relative difference of aspect ratios up to which a mask is simply resized
+ASPECT_TOLERANCE = 0.02
+PASTE_ROWS = 512  # relative difference of aspect ratios up to which a mask is simply resized
 
 
 def image_batch(image: torch.Tensor, name: str = "image") -> torch.Tensor:
@@ -138,7 +139,9 @@ def resize_nchw(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") 
 
 def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize an IMAGE batch ``[B,H,W,C]`` to ``size`` (H, W)."""
-    return to_nhwc(resize_nchw(to_nchw(images), size)).clamp(0, 1)
+    if tuple(images.shape[1:3]) == tuple(size):
+        return images.clamp(0, 1)
+    return to_nhwc(resize_nchw(to_nchw(images), size)).clamp_(0, 1)  # clamp the fresh result in place
 
 
 def resize_masks(masks: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
@@ -178,7 +181,9 @@ def paste(harmonized: torch.Tensor, composite: torch.Tensor, mask: torch.Tensor,
     ``[B,H,W]`` at the composite's size.
     """
     h, w = composite.shape[1:3]
-    harmonized = resize_images(harmonized, (h, w))
+    out = resize_images(harmonized, (h, w)).contiguous()
     m = feather_mask(mask, feather)[..., None]
-    blended = harmonized * m + composite * (1 - m)
-    return torch.where(m > 0, blended, composite)
+    for r in range(0, h, PASTE_ROWS):  # row strips: temporaries stay small on 20-megapixel images
+        o, c, mm = out[:, r:r + PASTE_ROWS], composite[:, r:r + PASTE_ROWS], m[:, r:r + PASTE_ROWS]
+        o.copy_(torch.where(mm > 0, o * mm + c * (1 - mm), c))
+    return out
