@@ -15,6 +15,7 @@ steps), so the stage nodes and the all-in-one node give the same result for the 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Callable
 
@@ -28,6 +29,7 @@ from .loading import SDComponents, load_sd
 SCHEDULERS = ("euler_ancestral", "euler", "ddim", "dpmpp_2m", "unipc")
 DEFAULT_STEPS = 5
 DEFAULT_RESOLUTION = 1024
+VAE_TILING_ABOVE = 2048  # working long side (px) above which the VAE runs in overlapping tiles
 Callback = Callable[[int, int], None]
 
 
@@ -78,6 +80,20 @@ def prompt_embedding(sd: SDComponents, prompt: str = "") -> torch.Tensor:
     return sd.cache[key]
 
 
+@contextlib.contextmanager
+def vae_tiling(vae, long_side: int):
+    """diffusers' tiled VAE for working sizes above ``VAE_TILING_ABOVE`` (memory stays bounded at 2-4k px);
+    the paper's 512/1024 path is untouched. The model's own setting is restored afterwards."""
+    turn_on = long_side > VAE_TILING_ABOVE and not getattr(vae, "use_tiling", False)
+    if turn_on:
+        vae.enable_tiling()
+    try:
+        yield
+    finally:
+        if turn_on:
+            vae.disable_tiling()
+
+
 def working_size(height: int, width: int, resolution: int, square: bool, sd: SDComponents) -> tuple[int, int]:
     return images.fit_size(height, width, resolution, multiple=sd.vae_scale_factor, square=square)
 
@@ -92,7 +108,8 @@ def encode(sd: SDComponents, image: torch.Tensor, resolution: int = DEFAULT_RESO
     size = working_size(image.shape[1], image.shape[2], resolution, square, sd)
     device, dtype = module_device(sd.vae), sd.vae.dtype
     x = images.to_signed(images.resize_images(image, size)).to(device=device, dtype=dtype)
-    dist = sd.vae.encode(x).latent_dist
+    with vae_tiling(sd.vae, max(size)):
+        dist = sd.vae.encode(x).latent_dist
     if not sample:
         return dist.mode().float().cpu()
     return dist.sample(generator=torch.Generator("cpu").manual_seed(int(seed))).float().cpu()
@@ -161,7 +178,8 @@ def sample(sd: SDComponents, composite_latents: torch.Tensor, mask_latent: torch
 def decode(sd: SDComponents, latents: torch.Tensor) -> torch.Tensor:
     """UNSCALED latents -> IMAGE ``[B,H,W,3]`` in 0..1."""
     device, dtype = module_device(sd.vae), sd.vae.dtype
-    x = sd.vae.decode(latents.to(device=device, dtype=dtype)).sample
+    with vae_tiling(sd.vae, max(latents.shape[-2:]) * sd.vae_scale_factor):
+        x = sd.vae.decode(latents.to(device=device, dtype=dtype)).sample
     return images.from_signed(x)
 
 

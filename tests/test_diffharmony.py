@@ -282,3 +282,18 @@ def test_loader_nodes_list_and_load_models(models_env):
     assert ref.config["in_channels"] == 7
     with pytest.raises(WeightsError, match=r"not found\. Searched: .*diffharmony"):
         N.HarmonizeDiffHarmonyLoader().load("diffharmony/missing", "auto")
+
+
+def test_vae_tiles_only_above_the_threshold_and_is_restored(sd, monkeypatch):
+    image, _ = make_composite(48, 64)
+    calls = []
+    real_encode, real_decode = sd.vae.encode, sd.vae.decode
+    monkeypatch.setattr(sd.vae, "encode", lambda x: calls.append(("enc", sd.vae.use_tiling)) or real_encode(x))
+    monkeypatch.setattr(sd.vae, "decode", lambda z: calls.append(("dec", sd.vae.use_tiling)) or real_decode(z))
+    lat = dh.encode(sd, image, RES)
+    dh.decode(sd, lat)
+    monkeypatch.setattr(dh, "VAE_TILING_ABOVE", 32)
+    tiled = dh.encode(sd, image, RES)
+    out = dh.decode(sd, tiled)
+    assert calls == [("enc", False), ("dec", False), ("enc", True), ("dec", True)]
+    assert sd.vae.use_tiling is False and tiled.shape == lat.shape and out.shape == (1, 48, 64, 3)
