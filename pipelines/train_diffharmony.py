@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from . import ihd_dataset as ihd
 from .errors import InputError, WeightsError
 from .loading import SDComponents
-from .training import Trainer, add_common_args, link_or_copy_tree, make_accelerator
+from .training import add_common_args, link_or_copy_tree, run_command
 
 COMPONENTS = ".components"
 
@@ -179,20 +179,15 @@ def build(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        task, dataset = build(args)
-        acc = make_accelerator(args)
+
+    def prepare(task, acc):  # the frozen VAE/text encoder/tokenizer are written once, beside the checkpoints
         if acc.is_main_process:
             task.save_components(Path(args.out) / COMPONENTS)
         acc.wait_for_everyone()
         task.components = Path(args.out) / COMPONENTS
-        final = Trainer(task, args, acc).fit(dataset, collate_fn=ihd.collate)
-    except (InputError, WeightsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if acc.is_main_process:
-        print(f"DiffHarmony UNet written to {final} (a diffusers inpainting folder: copy it to models/diffharmony/)")
-    return 0
+
+    return run_command(args, build, "DiffHarmony UNet written to {final} (a diffusers inpainting folder: copy it to "
+                                    "models/diffharmony/)", prepare)
 
 
 if __name__ == "__main__":

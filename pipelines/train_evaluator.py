@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import evaluator as ev
 from . import ihd_dataset as ihd
 from .errors import InputError, WeightsError
-from .training import Trainer, add_common_args, make_accelerator
+from .training import add_common_args, run_command
 from .weights import load_state_dict
 
 FILE_NAME = "harmony_evaluator.safetensors"
@@ -189,17 +189,8 @@ def build(args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        task, dataset = build(args)
-        acc = make_accelerator(args)
-        final = Trainer(task, args, acc).fit(dataset, collate_fn=ihd.collate)
-    except (InputError, WeightsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if acc.is_main_process:
-        print(f"harmony evaluator written to {final / FILE_NAME} (copy it to models/harmony_evaluator/)")
-    return 0
+    return run_command(build_parser().parse_args(argv), build,
+                       "harmony evaluator written to {final}/" + FILE_NAME + " (copy it to models/harmony_evaluator/)")
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from . import ihd_dataset as ihd
-from .errors import InputError, WeightsError
+from .errors import InputError
 from .refiner import DEFAULTS, RefinerUNet, load_refiner, refiner_input
-from .training import Trainer, add_common_args, make_accelerator
+from .training import add_common_args, run_command
 
 # Published configurations of the refinement UNet (block_out_channels); training used "base".
 PRESETS = {"small": [64, 128, 256, 256], "base": [128, 256, 512, 512], "large": [256, 512, 1024, 1024]}
@@ -192,17 +192,8 @@ def build(args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        task, dataset = build(args)
-        acc = make_accelerator(args)
-        final = Trainer(task, args, acc).fit(dataset, collate_fn=ihd.collate)
-    except (InputError, WeightsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if acc.is_main_process:
-        print(f"refinement UNet written to {final} (copy it to models/diffharmony/<archive>/refinement)")
-    return 0
+    return run_command(build_parser().parse_args(argv), build,
+                       "refinement UNet written to {final} (copy it to models/diffharmony/<archive>/refinement)")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -363,3 +364,23 @@ def _jsonable(obj):
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return str(obj)
+
+
+def run_command(args, build, done: str, prepare=None) -> int:
+    """The ``main`` of the training commands: build the task and dataset from ``args``, train, and say where
+    the result went (``done`` is formatted with ``final``). ``prepare(task, accelerator)`` runs before
+    training. Bad input or weights end with a message and exit status 2."""
+    from . import ihd_dataset as ihd
+
+    try:
+        task, dataset = build(args)
+        acc = make_accelerator(args)
+        if prepare is not None:
+            prepare(task, acc)
+        final = Trainer(task, args, acc).fit(dataset, collate_fn=ihd.collate)
+    except (InputError, WeightsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if acc.is_main_process:
+        print(done.format(final=final))
+    return 0

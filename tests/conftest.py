@@ -45,3 +45,17 @@ def make_composite(h: int, w: int, batch: int = 1, seed: int = 0):
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
     mask = ((yy / 0.5) ** 2 + (xx / 0.4) ** 2 <= 1).float()[None].expand(batch, h, w).contiguous()
     return image, mask
+
+
+def write_inputs(folder: Path, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The composite and mask files the shipped workflows load (harmonize_composite.png, harmonize_mask.png);
+    returns the composite as the 8-bit image LoadImage gives, and the mask."""
+    import numpy as np
+    from PIL import Image
+
+    image, mask = make_composite(h, w, seed=4)
+    rgb = (image[0].numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(rgb).save(folder / "harmonize_composite.png")
+    m = (mask[0].numpy() * 255).astype(np.uint8)
+    Image.fromarray(np.stack([m] * 3, -1)).save(folder / "harmonize_mask.png")
+    return torch.from_numpy(rgb.astype(np.float32) / 255.0)[None], mask

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import comfyui_harmonize
 import workflow_runner as wr
-from conftest import make_composite
+from conftest import write_inputs
 
 ROOT = Path(comfyui_harmonize.__file__).parent
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -51,15 +49,6 @@ def test_validator_catches_broken_workflows():
     broken(lambda w: w["nodes"][i]["widgets_values"].__setitem__(3, "x"))  # scheduler not in combo
     broken(lambda w: w["nodes"][i]["widgets_values"].__setitem__(2, 0))    # steps below min
     broken(lambda w: w["links"][0].__setitem__(5, "IMAGE"))                # link type
-
-
-def write_inputs(folder: Path, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    image, mask = make_composite(h, w, seed=4)
-    rgb = (image[0].numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(rgb).save(folder / "harmonize_composite.png")
-    m = (mask[0].numpy() * 255).astype(np.uint8)
-    Image.fromarray(np.stack([m] * 3, -1)).save(folder / "harmonize_mask.png")
-    return torch.from_numpy(rgb.astype(np.float32) / 255.0)[None], mask
 
 
 def test_diffharmony_workflow_runs_node_by_node(models_env, tmp_path):

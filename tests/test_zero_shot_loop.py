@@ -6,10 +6,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import comfyui_harmonize
 import workflow_runner as wr
@@ -21,7 +19,7 @@ from comfyui_harmonize.pipelines.descriptions import Description, DescriptionSet
 from comfyui_harmonize.pipelines.errors import InputError
 from comfyui_harmonize.pipelines.pidinet import PiDiNet
 from comfyui_harmonize.pipelines.zero_shot_model import WorkCounter, ZeroShotModel
-from conftest import make_composite
+from conftest import make_composite, write_inputs
 
 ROOT = Path(comfyui_harmonize.__file__).parent
 MAPS = comfyui_harmonize.NODE_CLASS_MAPPINGS
@@ -259,15 +257,6 @@ def test_loader_takes_single_file_sd1_and_sd2_checkpoints(zs_models, model):
         outs[name] = zl.iterative_batch(loaded, image, mask, DescriptionSet([A]), s)[0]
     assert torch.equal(outs["diffusers/tiny-txt2img"], outs["checkpoints/tiny-sd1.safetensors"])
     assert outs["checkpoints/tiny-sd2.safetensors"].shape == image.shape
-
-
-def write_inputs(folder: Path, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    image, mask = make_composite(h, w, seed=4)
-    rgb = (image[0].numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(rgb).save(folder / "harmonize_composite.png")
-    m = (mask[0].numpy() * 255).astype(np.uint8)
-    Image.fromarray(np.stack([m] * 3, -1)).save(folder / "harmonize_mask.png")
-    return torch.from_numpy(rgb.astype(np.float32) / 255.0)[None], mask
 
 
 @pytest.mark.parametrize("name", ["zero_shot.json", "zero_shot_iterative.json"])
