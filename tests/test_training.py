@@ -268,3 +268,17 @@ def test_evaluator_init_from_an_rgb_resnet(tmp_path):
     with pytest.raises(InputError, match="image,mask,score"):
         tev.csv_items(bad)
     assert tev.main(["--out", str(tmp_path / "o")]) == 2
+
+
+def test_evaluator_command_runs_end_to_end(data, tmp_path, capsys):
+    out = tmp_path / "cmd"
+    argv = ["--data", str(data), "--layers", "1,1,1,1", "--base-width", "8", "--size", "32", "--batch-size", "4",
+            "--max-steps", "2", "--out", str(out)]
+    assert tev.main(argv) == 0
+    said = capsys.readouterr().out
+    written = next(p for p in out.rglob(tev.FILE_NAME))
+    assert f"harmony evaluator written to {written}" in said
+    evaluator = ev.load_evaluator(written)
+    assert evaluator.size == 32
+    scores = evaluator(torch.rand(2, 40, 40, 3), torch.ones(2, 40, 40))
+    assert scores.shape == (2,) and bool(((scores >= 0) & (scores <= 1)).all())
