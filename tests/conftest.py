@@ -12,7 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, workflow_runner
 import tiny_models  # noqa: E402
 from tiny_models import write_refiner  # noqa: E402
 
-torch.set_num_threads(2)
+# The suite runs thousands of tiny tensor operations: one thread avoids OpenMP hand-offs that cost more than
+# they save (an order of magnitude on a loaded 2-core machine). Tests that need another count set it locally.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -22,15 +22,6 @@ COMPOSITES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "c
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many small tensor ops; on the shared 2-core test machines two OpenMP threads per
-    process stall each other (an order of magnitude slower), so they run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # ------------------------------------------------------------------------------------------ helpers
 def photo(name: str) -> torch.Tensor:
     skdata = pytest.importorskip("skimage.data", reason="scikit-image (test extra) ships the sample photos")

@@ -27,14 +27,6 @@ VARIANTS = {  # name: (inplane, dilation-module width, spatial attention), as th
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one CPU thread avoids OpenMP hand-off costs that dominate on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def random_pidinet(name: str, seed: int = 0) -> pidinet.PiDiNet:
     inplane, dil, sa = VARIANTS[name]

@@ -51,15 +51,6 @@ def reference_trilinear(table: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many small tensor ops; on the shared 2-core test machines two OpenMP threads per
-    process stall each other (an order of magnitude slower), so they run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # ------------------------------------------------------------------------------------------ fitting
 @pytest.mark.parametrize("size", [17, 33])
 def test_lut_reproduces_a_global_grade_on_a_real_photo(size):

@@ -29,14 +29,6 @@ DESC = Description("girl", ("golden", "autumn"), ("winter", "dark"))
 RES = 64  # working long side: a 48x64 image, 6x8 latent for the tiny model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine is shared: one thread is many times faster than two under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def model(models_root):

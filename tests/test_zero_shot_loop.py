@@ -29,13 +29,6 @@ C = Description("girl", ("bright",), ("dim",))
 D = Description("girl", ("sunny",), ("snowy",))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------------------------- the rule
 class Script:
