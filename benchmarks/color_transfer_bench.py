@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from comfyui_harmonize.pipelines import color_transfer as ct
-from comfyui_harmonize.pipelines import image_io, images, lut, metrics, restore
+from comfyui_harmonize.pipelines.color import transfer as ct
+from comfyui_harmonize.pipelines.core import image_io, images
+from comfyui_harmonize.pipelines.color import lut, restore
+from comfyui_harmonize.pipelines.evaluation import metrics
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "composites"
 

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from comfyui_harmonize.nodes import diffharmony_nodes as N  # noqa: E402
-from comfyui_harmonize.pipelines import diffharmony as dh  # noqa: E402
-from comfyui_harmonize.pipelines.loading import SDComponents  # noqa: E402
+from comfyui_harmonize.nodes import diffharmony as N  # noqa: E402
+from comfyui_harmonize.pipelines.diffharmony import pipeline as dh  # noqa: E402
+from comfyui_harmonize.pipelines.sd.loading import SDComponents  # noqa: E402
 
 
 def small_model(device, dtype) -> SDComponents:

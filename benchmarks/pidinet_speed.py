@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from comfyui_harmonize.pipelines import edges, pidinet
+from comfyui_harmonize.pipelines.edges import loss as edges, pidinet
 
 VARIANTS = {"tiny": (20, 8), "small": (30, 12), "full": (60, 24)}
 

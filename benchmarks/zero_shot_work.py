@@ -26,7 +26,7 @@ over the S-1 timesteps after the first, with the UNet batches [uncond, cond] x p
 
 Seconds per image (with --time, by default when CUDA is present): the whole iterative loop on one image
 for each preset, on --model (a diffusers folder or single-file checkpoint) or, without it, on a
-random-weight Stable Diffusion 2-base built from the configs shipped in pipelines/configs/sd2 (the same
+random-weight Stable Diffusion 2-base built from the configs shipped in pipelines/sd/configs/sd2 (the same
 architecture and sizes, so the same time). The composite is --image/--mask, else the house composite of
 ../shared/data, else a synthetic one.
 """
@@ -45,11 +45,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from comfyui_harmonize.pipelines import loading  # noqa: E402
-from comfyui_harmonize.pipelines import zero_shot as zs  # noqa: E402
-from comfyui_harmonize.pipelines import zero_shot_loop as zl  # noqa: E402
-from comfyui_harmonize.pipelines.descriptions import Description, DescriptionSet  # noqa: E402
-from comfyui_harmonize.pipelines.zero_shot_model import WorkCounter, ZeroShotModel  # noqa: E402
+from comfyui_harmonize.pipelines.sd import loading  # noqa: E402
+from comfyui_harmonize.pipelines.zero_shot import passes as zs  # noqa: E402
+from comfyui_harmonize.pipelines.zero_shot import loop as zl  # noqa: E402
+from comfyui_harmonize.pipelines.describe.descriptions import Description, DescriptionSet  # noqa: E402
+from comfyui_harmonize.pipelines.zero_shot.model import WorkCounter, ZeroShotModel  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 NETS = ("unet", "vae_encoder", "vae_decoder", "pidinet", "text_encoder")
@@ -83,7 +83,7 @@ def tiny_model() -> ZeroShotModel:
 
 
 def tiny_pidinet():
-    from comfyui_harmonize.pipelines.pidinet import PiDiNet
+    from comfyui_harmonize.pipelines.edges.pidinet import PiDiNet
 
     torch.manual_seed(0)
     return PiDiNet(inplane=4, dil=4, sa=True).eval().requires_grad_(False)
@@ -184,7 +184,7 @@ def print_times(presets, model_path, image_path, mask_path, resolution, device) 
     pidinet = None
     pidi_file = SHARED / "pidinet" / "table5_pidinet-tiny.pth"
     if pidi_file.is_file():
-        from comfyui_harmonize.pipelines.pidinet import load_pidinet
+        from comfyui_harmonize.pipelines.edges.pidinet import load_pidinet
 
         pidinet = load_pidinet(pidi_file).to(device)
     image, mask = load_composite(image_path, mask_path)

@@ -257,7 +257,7 @@ def dtype_for(name: str) -> torch.dtype:
 def sd_model_choices(folders: tuple[str, ...]) -> dict:
     """Stable Diffusion models in ComfyUI's ``folders``, named ``<folder>/<name>``: diffusers folders and
     DiffHarmony archives everywhere, single-file .safetensors only in ``checkpoints``."""
-    from ..pipelines.loading import find_models
+    from ..pipelines.sd.loading import find_models
 
     choices = {}
     for folder in folders:
@@ -269,7 +269,7 @@ def sd_model_choices(folders: tuple[str, ...]) -> dict:
 def resolve_choice(choice: str, choices: dict, what: str, folders: tuple[str, ...]):
     """The path behind a loader's combo value, or a WeightsError naming the folders searched."""
     if choice not in choices:
-        from ..pipelines.errors import WeightsError
+        from ..pipelines.core.errors import WeightsError
 
         roots = [r for f in folders for r in model_roots(f)]
         raise WeightsError(f"{what} {choice!r} not found. Searched: {', '.join(map(str, roots))}. "

@@ -11,12 +11,12 @@ import pytest
 import torch
 from kornia.color import rgb_to_lab
 
-from comfyui_harmonize.pipelines import benchmark as bm
-from comfyui_harmonize.pipelines import diffharmony as dh
-from comfyui_harmonize.pipelines import ihd_dataset as ihd
-from comfyui_harmonize.pipelines import metrics
-from comfyui_harmonize.pipelines.errors import InputError
-from comfyui_harmonize.pipelines.refiner import load_refiner
+from comfyui_harmonize.pipelines.ihd import benchmark as bm
+from comfyui_harmonize.pipelines.diffharmony import pipeline as dh
+from comfyui_harmonize.pipelines.ihd import dataset as ihd
+from comfyui_harmonize.pipelines.evaluation import metrics
+from comfyui_harmonize.pipelines.core.errors import InputError
+from comfyui_harmonize.pipelines.diffharmony.refiner import load_refiner
 
 from ihd_synthetic import make_ihd
 
@@ -154,7 +154,7 @@ def test_two_process_accelerate_launch_writes_the_same_csv_as_one_process(data, 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           "-m", "comfyui_harmonize.pipelines.benchmark", *common, "--out", str(tmp_path / "two")]
+           "-m", "comfyui_harmonize.pipelines.ihd.benchmark", *common, "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parts = sorted(p.name for p in (tmp_path / "two" / "parts").glob("*.csv"))

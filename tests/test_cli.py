@@ -5,10 +5,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from comfyui_harmonize import cli
-from comfyui_harmonize.pipelines import diffharmony as dh
-from comfyui_harmonize.pipelines import image_io
-from comfyui_harmonize.pipelines.refiner import load_refiner
+from comfyui_harmonize.commands import harmonize as cli
+from comfyui_harmonize.pipelines.diffharmony import pipeline as dh
+from comfyui_harmonize.pipelines.core import image_io
+from comfyui_harmonize.pipelines.diffharmony.refiner import load_refiner
 from conftest import make_composite
 
 

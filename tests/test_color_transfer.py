@@ -1,4 +1,4 @@
-"""Full-resolution color transfer (pipelines/color_transfer.py) on real photographs.
+"""Full-resolution color transfer (pipelines/color/transfer.py) on real photographs.
 
 Protocol (issue 6): a real photo is the ground truth; a known color change inside a mask makes the
 composite; the "harmonized" result a diffusion stage would return is the ground truth downscaled and
@@ -14,9 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_harmonize.pipelines import color_transfer as ct
-from comfyui_harmonize.pipelines import image_io, images, metrics, restore
-from comfyui_harmonize.pipelines.errors import InputError
+from comfyui_harmonize.pipelines.color import transfer as ct
+from comfyui_harmonize.pipelines.core import image_io, images
+from comfyui_harmonize.pipelines.evaluation import metrics
+from comfyui_harmonize.pipelines.color import restore
+from comfyui_harmonize.pipelines.core.errors import InputError
 
 COMPOSITES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "composites"
 
@@ -271,7 +273,7 @@ def test_bad_input_is_a_clear_error(bad):
 
 
 def test_color_transfer_node_is_restore_with_transfer():
-    from comfyui_harmonize.nodes.color_nodes import NODE_CLASS_MAPPINGS
+    from comfyui_harmonize.nodes.color import NODE_CLASS_MAPPINGS
 
     node = NODE_CLASS_MAPPINGS["HarmonizeColorTransfer"]
     spec = node.INPUT_TYPES()["required"]

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from comfyui_harmonize.pipelines import ihd_dataset as ihd
-from comfyui_harmonize.pipelines.errors import InputError
+from comfyui_harmonize.pipelines.ihd import dataset as ihd
+from comfyui_harmonize.pipelines.core.errors import InputError
 
 from ihd_synthetic import make_ihd
 

@@ -7,11 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from comfyui_harmonize.nodes.describe_nodes import HarmonizeDescription
-from comfyui_harmonize.pipelines.descriptions import (MAX_WORDS_PER_SIDE, VOCABULARY, VOCABULARY_WORDS, Description,
-                                                      DescriptionSet, description_set, make_description,
-                                                      parse_descriptions, quote)
-from comfyui_harmonize.pipelines.errors import InputError
+from comfyui_harmonize.nodes.describe import HarmonizeDescription
+from comfyui_harmonize.pipelines.describe.descriptions import MAX_WORDS_PER_SIDE, VOCABULARY, VOCABULARY_WORDS, Description, DescriptionSet, description_set, make_description, parse_descriptions, quote
+from comfyui_harmonize.pipelines.core.errors import InputError
 
 PAPER = "dog & (foreground) bright summer & (background) winter dull greyscale"
 DOG = Description("dog", ("bright", "summer"), ("winter", "dull", "greyscale"))

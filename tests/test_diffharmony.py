@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_harmonize.nodes import diffharmony_nodes as N
-from comfyui_harmonize.pipelines import diffharmony as dh
-from comfyui_harmonize.pipelines import refiner as rf
-from comfyui_harmonize.pipelines.errors import InputError, WeightsError
-from comfyui_harmonize.pipelines.weights import load_state_dict
+from comfyui_harmonize.nodes import diffharmony as N
+from comfyui_harmonize.pipelines.diffharmony import pipeline as dh
+from comfyui_harmonize.pipelines.diffharmony import refiner as rf
+from comfyui_harmonize.pipelines.core.errors import InputError, WeightsError
+from comfyui_harmonize.pipelines.core.weights import load_state_dict
 from conftest import make_composite
 
 RES = 64  # working resolution for pipeline-level tests (tiny models)

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_harmonize.nodes import pidinet_nodes
-from comfyui_harmonize.pipelines import edges, pidinet
-from comfyui_harmonize.pipelines.errors import InputError, WeightsError
+from comfyui_harmonize.nodes import edges as pidinet_nodes
+from comfyui_harmonize.pipelines.edges import loss as edges, pidinet
+from comfyui_harmonize.pipelines.core.errors import InputError, WeightsError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_CKPT = SHARED / "pidinet" / "table5_pidinet-tiny.pth"

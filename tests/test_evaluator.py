@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_harmonize.nodes import evaluator_nodes as N
-from comfyui_harmonize.pipelines import evaluator as ev
-from comfyui_harmonize.pipelines.errors import WeightsError
+from comfyui_harmonize.nodes import evaluation as N
+from comfyui_harmonize.pipelines.evaluation import evaluator as ev
+from comfyui_harmonize.pipelines.core.errors import WeightsError
 from conftest import make_composite
 
 LAYERS = (3, 4, 6, 3)
@@ -227,9 +227,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_the_zero_shot_loop_takes_the_loaded_evaluator(tmp_path):
     """The loader's output type is the zero-shot loop's evaluator input, and the loop's rule ranks results
     with the loaded classifier's scores."""
-    from comfyui_harmonize.nodes import zero_shot_nodes as ZN
-    from comfyui_harmonize.pipelines import zero_shot_loop as zl
-    from comfyui_harmonize.pipelines.descriptions import Description
+    from comfyui_harmonize.nodes import zero_shot as ZN
+    from comfyui_harmonize.pipelines.zero_shot import loop as zl
+    from comfyui_harmonize.pipelines.describe.descriptions import Description
 
     assert ZN.HarmonizeZeroShotIterative.INPUT_TYPES()["optional"]["evaluator"][0] == \
         N.HarmonizeEvaluatorLoader.RETURN_TYPES[0] == "HARMONY_EVALUATOR"

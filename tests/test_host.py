@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from comfyui_harmonize.nodes import diffharmony_nodes as N
+from comfyui_harmonize.nodes import diffharmony as N
 from comfyui_harmonize.nodes import host
 from conftest import make_composite
 

@@ -1,4 +1,4 @@
-"""Global 3D LUTs (pipelines/lut.py): fitting on real photographs, applying, .cube export/import."""
+"""Global 3D LUTs (pipelines/color/lut.py): fitting on real photographs, applying, .cube export/import."""
 from __future__ import annotations
 
 import os
@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
-from comfyui_harmonize.pipelines import images, lut as L
-from comfyui_harmonize.pipelines.errors import InputError
+from comfyui_harmonize.pipelines.core import images
+from comfyui_harmonize.pipelines.color import lut as L
+from comfyui_harmonize.pipelines.core.errors import InputError
 
 
 def photo(name: str) -> torch.Tensor:
@@ -268,7 +269,7 @@ def test_cube_path_stays_inside_the_output_folder(tmp_path):
 # ---------------------------------------------------------------------------------------------- nodes
 def test_lut_nodes_fit_save_apply_and_sequence(tmp_path, monkeypatch):
     from comfyui_harmonize.nodes import host
-    from comfyui_harmonize.nodes.color_nodes import NODE_CLASS_MAPPINGS as nodes
+    from comfyui_harmonize.nodes.color import NODE_CLASS_MAPPINGS as nodes
 
     monkeypatch.setenv(host.OUTPUT_ENV, str(tmp_path))
     monkeypatch.setattr(host, "_comfy", lambda name: None)  # outside ComfyUI even if one is importable

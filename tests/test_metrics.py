@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from comfyui_harmonize.nodes.metric_nodes import HarmonizeMetrics
-from comfyui_harmonize.pipelines import metrics
-from comfyui_harmonize.pipelines.errors import InputError
+from comfyui_harmonize.nodes.metrics import HarmonizeMetrics
+from comfyui_harmonize.pipelines.evaluation import metrics
+from comfyui_harmonize.pipelines.core.errors import InputError
 
 COMPOSITES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "composites"
 

@@ -225,7 +225,8 @@ def write_models(root: Path) -> None:
                                  tiny_models.tiny_vae(seed=11), tiny_models.tiny_text_encoder(len(tok), seed=12),
                                  family="sd1")
 
-    from comfyui_harmonize.pipelines import evaluator, pidinet
+    from comfyui_harmonize.pipelines.evaluation import evaluator
+    from comfyui_harmonize.pipelines.edges import pidinet
 
     torch.manual_seed(20)
     pidi = pidinet.PiDiNet(20, 8, True)  # the published "tiny" variant, authors' layout below

@@ -9,17 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_harmonize.nodes import diffharmony_nodes as DN
-from comfyui_harmonize.nodes import evaluator_nodes as EN
-from comfyui_harmonize.pipelines import diffharmony as dh
-from comfyui_harmonize.pipelines import evaluator as ev
-from comfyui_harmonize.pipelines import ihd_dataset as ihd
-from comfyui_harmonize.pipelines import train_diffharmony as tdh
-from comfyui_harmonize.pipelines import train_evaluator as tev
-from comfyui_harmonize.pipelines import train_refiner as trf
-from comfyui_harmonize.pipelines import training
-from comfyui_harmonize.pipelines.errors import InputError
-from comfyui_harmonize.pipelines.refiner import load_refiner
+from comfyui_harmonize.nodes import diffharmony as DN
+from comfyui_harmonize.nodes import evaluation as EN
+from comfyui_harmonize.pipelines.diffharmony import pipeline as dh
+from comfyui_harmonize.pipelines.evaluation import evaluator as ev
+from comfyui_harmonize.pipelines.ihd import dataset as ihd
+from comfyui_harmonize.pipelines.training import diffharmony as tdh
+from comfyui_harmonize.pipelines.training import evaluator as tev
+from comfyui_harmonize.pipelines.training import refiner as trf
+from comfyui_harmonize.pipelines.training import common as training
+from comfyui_harmonize.pipelines.core.errors import InputError
+from comfyui_harmonize.pipelines.diffharmony.refiner import load_refiner
 
 import tiny_models
 from ihd_synthetic import make_ihd

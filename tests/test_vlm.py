@@ -20,10 +20,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 
 from comfyui_harmonize.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
-from comfyui_harmonize.nodes.describe_nodes import NO_LOCAL_MODEL, HarmonizeDescribe  # noqa: E402
-from comfyui_harmonize.pipelines import vlm  # noqa: E402
-from comfyui_harmonize.pipelines.descriptions import VOCABULARY_WORDS, Description  # noqa: E402
-from comfyui_harmonize.pipelines.errors import InputError, WeightsError  # noqa: E402
+from comfyui_harmonize.nodes.describe import NO_LOCAL_MODEL, HarmonizeDescribe  # noqa: E402
+from comfyui_harmonize.pipelines.describe import vlm  # noqa: E402
+from comfyui_harmonize.pipelines.describe.descriptions import VOCABULARY_WORDS, Description  # noqa: E402
+from comfyui_harmonize.pipelines.core.errors import InputError, WeightsError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOG = Description("dog", ("bright", "summer"), ("winter", "dull", "greyscale"))

@@ -67,7 +67,7 @@ def test_diffharmony_workflow_runs_node_by_node(models_env, tmp_path):
 
 
 def test_detail_and_lut_workflow_runs_node_by_node(models_env, tmp_path, monkeypatch):
-    from comfyui_harmonize.pipelines import lut as lut_mod
+    from comfyui_harmonize.pipelines.color import lut as lut_mod
 
     out_dir = tmp_path / "output"
     monkeypatch.setenv("HARMONIZE_OUTPUT_DIR", str(out_dir))

@@ -9,20 +9,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from comfyui_harmonize.pipelines import edges, loading
-from comfyui_harmonize.pipelines import zero_shot as zs
-from comfyui_harmonize.pipelines.descriptions import Description
-from comfyui_harmonize.pipelines.errors import InputError, WeightsError
-from comfyui_harmonize.pipelines.pidinet import PiDiNet
-from comfyui_harmonize.pipelines.zero_shot_attention import (AttentionInjection, Controller, CrossAttentionStore,
-                                                             InjectionSchedule, attention_control,
-                                                             cross_attention_factors, grid_for_tokens,
-                                                             refinement_factor)
-from comfyui_harmonize.pipelines.zero_shot_embeddings import (RefinementSettings, prompt_tokens, refine_embeddings,
-                                                              unrefined_embeddings)
-from comfyui_harmonize.pipelines.zero_shot_inversion import (NullTextSettings, ddim_sample,
-                                                             nulltext_optimize)
-from comfyui_harmonize.pipelines.zero_shot_model import WorkCounter, ZeroShotModel
+from comfyui_harmonize.pipelines.edges import loss as edges
+from comfyui_harmonize.pipelines.sd import loading
+from comfyui_harmonize.pipelines.zero_shot import passes as zs
+from comfyui_harmonize.pipelines.describe.descriptions import Description
+from comfyui_harmonize.pipelines.core.errors import InputError, WeightsError
+from comfyui_harmonize.pipelines.edges.pidinet import PiDiNet
+from comfyui_harmonize.pipelines.zero_shot.attention import AttentionInjection, Controller, CrossAttentionStore, InjectionSchedule, attention_control, cross_attention_factors, grid_for_tokens, refinement_factor
+from comfyui_harmonize.pipelines.zero_shot.embeddings import RefinementSettings, prompt_tokens, refine_embeddings, unrefined_embeddings
+from comfyui_harmonize.pipelines.zero_shot.inversion import NullTextSettings, ddim_sample, nulltext_optimize
+from comfyui_harmonize.pipelines.zero_shot.model import WorkCounter, ZeroShotModel
 from conftest import make_composite
 
 DESC = Description("girl", ("golden", "autumn"), ("winter", "dark"))
@@ -63,7 +59,7 @@ def any_pidinet(request, tiny_pidinet):
         return tiny_pidinet
     if not PUBLISHED_PIDINET.is_file():
         pytest.skip(f"{PUBLISHED_PIDINET} is absent (../shared/data is not on this machine)")
-    from comfyui_harmonize.pipelines.pidinet import load_pidinet
+    from comfyui_harmonize.pipelines.edges.pidinet import load_pidinet
 
     return load_pidinet(PUBLISHED_PIDINET)
 

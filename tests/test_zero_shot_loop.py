@@ -11,14 +11,14 @@ import torch
 
 import comfyui_harmonize
 import workflow_runner as wr
-from comfyui_harmonize.nodes import zero_shot_nodes as zn
-from comfyui_harmonize.pipelines import loading
-from comfyui_harmonize.pipelines import zero_shot as zs
-from comfyui_harmonize.pipelines import zero_shot_loop as zl
-from comfyui_harmonize.pipelines.descriptions import Description, DescriptionSet
-from comfyui_harmonize.pipelines.errors import InputError
-from comfyui_harmonize.pipelines.pidinet import PiDiNet
-from comfyui_harmonize.pipelines.zero_shot_model import WorkCounter, ZeroShotModel
+from comfyui_harmonize.nodes import zero_shot as zn
+from comfyui_harmonize.pipelines.sd import loading
+from comfyui_harmonize.pipelines.zero_shot import passes as zs
+from comfyui_harmonize.pipelines.zero_shot import loop as zl
+from comfyui_harmonize.pipelines.describe.descriptions import Description, DescriptionSet
+from comfyui_harmonize.pipelines.core.errors import InputError
+from comfyui_harmonize.pipelines.edges.pidinet import PiDiNet
+from comfyui_harmonize.pipelines.zero_shot.model import WorkCounter, ZeroShotModel
 from conftest import make_composite, write_inputs
 
 ROOT = Path(comfyui_harmonize.__file__).parent

@@ -338,7 +338,7 @@ def write_refiner(folder: Path, in_channels: int = 7, seed: int = 5) -> Path:
     """A refinement/ folder as released: config.json + diffusion_pytorch_model.safetensors."""
     from safetensors.torch import save_file
 
-    from comfyui_harmonize.pipelines.refiner import RefinerUNet
+    from comfyui_harmonize.pipelines.diffharmony.refiner import RefinerUNet
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = refiner_config(in_channels)

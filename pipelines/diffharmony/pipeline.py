@@ -1,0 +1,210 @@
+"""DiffHarmony (Zhou et al., ICMR 2024): harmonization with a fine-tuned Stable Diffusion inpainting UNet.
+
+As the official inference code does it (reference/diffharmony.md):
+- the condition is the VAE latent of the WHOLE composite, ``latent_dist.sample(generator) * scaling_factor``
+  of the image in [-1, 1];
+- the mask is binarised at 0.5 and resized to latent size with nearest-neighbour interpolation;
+- the UNet input at each step is ``concat([scaled noisy latents, mask, composite latents])`` (9 channels);
+- start from pure noise ``* init_noise_sigma``; Euler-ancestral, 5 steps, guidance 1.0 (one UNet pass per
+  step); the text condition is the CLIP embedding of the empty prompt (computed once, cached);
+- decode, ``(x / 2 + 0.5).clamp(0, 1)``.
+Differences, by design: the working size keeps the aspect ratio (long side = resolution, sides multiples of
+8; ``square=True`` gives the official square resize); each stage draws from its own generator seeded with
+the stage's seed (the official script threads one generator through encode, initial noise and sampler
+steps), so the stage nodes and the all-in-one node give the same result for the same seed.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..core import images
+from ..core.errors import InputError, WeightsError
+from ..sd.loading import SDComponents, load_sd
+
+SCHEDULERS = ("euler_ancestral", "euler", "ddim", "dpmpp_2m", "unipc")
+DEFAULT_STEPS = 5
+DEFAULT_RESOLUTION = 1024
+VAE_TILING_ABOVE = 2048  # working long side (px) above which the VAE runs in overlapping tiles
+Callback = Callable[[int, int], None]
+
+
+def load_diffharmony(path, dtype: torch.dtype = torch.float32, tokenizer_dir=None) -> SDComponents:
+    """Load the DiffHarmony archive (``base/``), a diffusers inpainting folder or a single-file inpainting
+    checkpoint, and check it is a 9-channel inpainting UNet."""
+    sd = load_sd(path, dtype=dtype, tokenizer_dir=tokenizer_dir)
+    check_inpainting(sd)
+    return sd
+
+
+def check_inpainting(sd: SDComponents) -> None:
+    need = 2 * sd.latent_channels + 1
+    got = sd.unet.config.in_channels
+    if got != need:
+        raise WeightsError(
+            f"{sd.source}: the UNet has in_channels={got}, but DiffHarmony needs an inpainting UNet with "
+            f"in_channels={need} (noisy latent + mask + composite latent). A text-to-image checkpoint "
+            f"(in_channels=4) cannot be used here."
+        )
+
+
+def make_scheduler(name: str, scheduler_config: dict):
+    """A diffusers scheduler built from the model's own scheduler config."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler, UniPCMultistepScheduler)
+
+    classes = {"euler_ancestral": EulerAncestralDiscreteScheduler, "euler": EulerDiscreteScheduler,
+               "ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
+    if name not in classes:
+        raise InputError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}")
+    return classes[name].from_config(scheduler_config)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def prompt_embedding(sd: SDComponents, prompt: str = "") -> torch.Tensor:
+    """CLIP last hidden state for ``prompt`` padded to the tokenizer's max length (77); cached per prompt."""
+    device = module_device(sd.text_encoder)
+    key = ("prompt", prompt, device, sd.text_encoder.dtype)
+    if key not in sd.cache:
+        ids = sd.tokenizer(prompt, padding="max_length", max_length=sd.tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids.to(device)
+        sd.cache[key] = sd.text_encoder(ids)[0]
+    return sd.cache[key]
+
+
+@contextlib.contextmanager
+def vae_tiling(vae, long_side: int):
+    """diffusers' tiled VAE for working sizes above ``VAE_TILING_ABOVE`` (memory stays bounded at 2-4k px);
+    the paper's 512/1024 path is untouched. The model's own setting is restored afterwards."""
+    turn_on = long_side > VAE_TILING_ABOVE and not getattr(vae, "use_tiling", False)
+    if turn_on:
+        vae.enable_tiling()
+    try:
+        yield
+    finally:
+        if turn_on:
+            vae.disable_tiling()
+
+
+def working_size(height: int, width: int, resolution: int, square: bool, sd: SDComponents) -> tuple[int, int]:
+    return images.fit_size(height, width, resolution, multiple=sd.vae_scale_factor, square=square)
+
+
+@torch.no_grad()
+def encode(sd: SDComponents, image: torch.Tensor, resolution: int = DEFAULT_RESOLUTION, seed: int = 0,
+           square: bool = False, sample: bool = True) -> torch.Tensor:
+    """IMAGE ``[B,H,W,3]`` -> UNSCALED latents ``[B,4,h/8,w/8]`` of the composite at the working size.
+    ``sample=True`` draws from the latent distribution with a generator seeded with ``seed`` (official);
+    ``False`` takes its mode."""
+    image = images.image_batch(image)
+    size = working_size(image.shape[1], image.shape[2], resolution, square, sd)
+    device, dtype = module_device(sd.vae), sd.vae.dtype
+    x = images.to_signed(images.resize_images(image, size)).to(device=device, dtype=dtype)
+    with vae_tiling(sd.vae, max(size)):
+        dist = sd.vae.encode(x).latent_dist
+    if not sample:
+        return dist.mode().float().cpu()
+    return dist.sample(generator=torch.Generator("cpu").manual_seed(int(seed))).float().cpu()
+
+
+def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """MASK ``[B,H,W]`` -> ``[B,h,w]`` in {0,1}: binarised at 0.5, then nearest-neighbour to latent size."""
+    if mask.dim() == 2:
+        mask = mask[None]
+    binary = (mask.float() >= 0.5).float()
+    return F.interpolate(binary[:, None], size=tuple(latent_size), mode="nearest")[:, 0]
+
+
+@torch.no_grad()
+def sample(sd: SDComponents, composite_latents: torch.Tensor, mask_latent: torch.Tensor, seed: int = 0,
+           steps: int = DEFAULT_STEPS, scheduler: str = "euler_ancestral", guidance: float = 1.0,
+           prompt: str = "", negative_prompt: str = "", callback: Callback | None = None) -> torch.Tensor:
+    """Denoise from pure noise conditioned on the composite latents (UNSCALED, ``[B,4,h,w]``) and the
+    latent-size mask (``[B,h,w]`` or ``[1,h,w]``). Returns UNSCALED latents.
+
+    guidance > 1 runs classifier-free guidance between ``prompt`` and ``negative_prompt``; when the two
+    prompts are equal (DiffHarmony's empty prompt) guidance cannot change the result, so one pass is run.
+    """
+    if steps < 1:
+        raise InputError(f"steps must be >= 1, got {steps}")
+    b, _, h, w = composite_latents.shape
+    if mask_latent.dim() == 2:
+        mask_latent = mask_latent[None]
+    if tuple(mask_latent.shape[-2:]) != (h, w):
+        raise InputError(f"latent mask is {tuple(mask_latent.shape[-2:])} but the latents are {(h, w)}: "
+                         f"downsample the mask to the latent size first")
+    if mask_latent.shape[0] not in (1, b):
+        raise InputError(f"batch mismatch: {b} latents but {mask_latent.shape[0]} latent masks")
+    unet = sd.unet
+    device, dtype = module_device(unet), unet.dtype
+    sf = sd.vae.config.scaling_factor
+    cond = (composite_latents.float() * sf).to(device=device, dtype=dtype)
+    mask = mask_latent.float()[:, None].expand(b, 1, h, w).to(device=device, dtype=dtype)
+    cfg = guidance > 1.0 and prompt != negative_prompt
+    emb = prompt_embedding(sd, prompt)
+    if cfg:
+        emb = torch.cat([prompt_embedding(sd, negative_prompt), emb])
+    emb = emb.expand(b * (2 if cfg else 1), *emb.shape[1:]).to(dtype)
+
+    sched = make_scheduler(scheduler, sd.scheduler_config)
+    sched.set_timesteps(steps, device=device)
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    latents = torch.randn((b, sd.latent_channels, h, w), generator=gen, dtype=torch.float32)
+    latents = (latents * sched.init_noise_sigma).to(device=device, dtype=dtype)
+    step_kwargs = {"generator": gen} if "generator" in inspect.signature(sched.step).parameters else {}
+    for i, t in enumerate(sched.timesteps):
+        x = torch.cat([sched.scale_model_input(latents, t), mask, cond], dim=1)
+        if cfg:
+            x = torch.cat([x, x])
+        eps = unet(x, t, encoder_hidden_states=emb).sample
+        if cfg:
+            uncond, text = eps.chunk(2)
+            eps = uncond + guidance * (text - uncond)
+        latents = sched.step(eps, t, latents, **step_kwargs).prev_sample
+        if callback is not None:
+            callback(i + 1, steps)
+    return (latents.float() / sf).cpu()
+
+
+@torch.no_grad()
+def decode(sd: SDComponents, latents: torch.Tensor) -> torch.Tensor:
+    """UNSCALED latents -> IMAGE ``[B,H,W,3]`` in 0..1."""
+    device, dtype = module_device(sd.vae), sd.vae.dtype
+    with vae_tiling(sd.vae, max(latents.shape[-2:]) * sd.vae_scale_factor):
+        x = sd.vae.decode(latents.to(device=device, dtype=dtype)).sample
+    return images.from_signed(x)
+
+
+def harmonize(sd: SDComponents, image: torch.Tensor, mask: torch.Tensor, seed: int = 0,
+              steps: int = DEFAULT_STEPS, resolution: int = DEFAULT_RESOLUTION, scheduler: str = "euler_ancestral",
+              guidance: float = 1.0, square: bool = False, refiner=None, refine_resolution: int = 256,
+              feather: int = 0, detail: str = "resample", callback: Callback | None = None) -> torch.Tensor:
+    """The whole system: encode -> mask to latent size -> sample -> decode -> (refine) -> restore.
+
+    Returns an IMAGE at the composite's size with the background (mask == 0) bit-identical to the input.
+    Composites whose mask is empty are returned unchanged (with a warning).
+    """
+    from ..color.restore import restore
+
+    image, mask = images.image_and_mask(image, mask)
+    empty = images.warn_empty(mask, "DiffHarmony")
+    if bool(empty.all()):
+        return image.clone()
+    latents = encode(sd, image, resolution, seed, square)
+    m = latent_mask(mask, latents.shape[-2:])
+    out = sample(sd, latents, m, seed, steps, scheduler, guidance, callback=callback)
+    harmonized = decode(sd, out)
+    if refiner is not None:
+        from .refiner import refine
+
+        harmonized = refine(refiner, harmonized, image, mask, refine_resolution, device=module_device(refiner),
+                            square=square)
+    return restore(harmonized, image, mask, feather=feather, detail=detail)

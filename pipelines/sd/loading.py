@@ -1,0 +1,160 @@
+"""Loading Stable Diffusion components offline, from what users actually have.
+
+- a diffusers pipeline folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/);
+- the DiffHarmony archive as its authors publish it (``base/`` is such a folder, its unet/vae weights as
+  pickled ``.bin``; ``refinement/`` holds the refinement UNet);
+- a single-file ``.safetensors`` checkpoint (see single_file.py; configs ship with the pack).
+
+diffusers/transformers read ``.bin`` files with ``torch.load(weights_only=True)``; nothing is fetched and no
+pickle is executed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..core.errors import WeightsError
+from ..core.weights import own_memory
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion pipeline the pack uses. Weights live on the CPU until a run."""
+
+    unet: "torch.nn.Module"
+    vae: "torch.nn.Module"
+    text_encoder: "torch.nn.Module"
+    tokenizer: object
+    scheduler_config: dict
+    source: str
+    dtype: torch.dtype = torch.float32
+    cache: dict = field(default_factory=dict, repr=False)  # e.g. cached prompt embeddings
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    def modules(self):
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+
+def is_diffusers_folder(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def diffharmony_base(path: str | os.PathLike) -> Path | None:
+    """The ``base/`` pipeline folder when ``path`` is the DiffHarmony archive root."""
+    base = Path(path) / "base"
+    return base if is_diffusers_folder(base) else None
+
+
+def resolve_pipeline_folder(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if is_diffusers_folder(path):
+        return path
+    base = diffharmony_base(path)
+    if base is not None:
+        return base
+    raise WeightsError(
+        f"{path} is not a diffusers pipeline folder (no model_index.json) nor a DiffHarmony archive "
+        f"(no base/model_index.json). Expected the unpacked DiffHarmony download, a diffusers folder or a "
+        f".safetensors checkpoint file."
+    )
+
+
+def load_tokenizer(candidates: list[str | os.PathLike | None]):
+    """CLIPTokenizer from the first folder that has vocab.json + merges.txt."""
+    from transformers import CLIPTokenizer
+
+    tried = []
+    for folder in candidates:
+        if not folder:
+            continue
+        tried.append(str(folder))
+        if all(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+            try:
+                return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+            except Exception as exc:
+                raise WeightsError(f"could not read the CLIP tokenizer in {folder}: {exc}") from exc
+    raise WeightsError(
+        "no CLIP tokenizer found: looked for vocab.json + merges.txt in " + (", ".join(tried) or "no folder")
+        + ". Put the tokenizer files in the model's tokenizer/ folder, or run inside ComfyUI (which ships them "
+        "in comfy/sd1_tokenizer), or pass the folder explicitly."
+    )
+
+
+def _from_pretrained(cls, folder: Path, subfolder: str, dtype: torch.dtype):
+    sub = folder / subfolder
+    if not (sub / "config.json").is_file():
+        raise WeightsError(f"{sub}/config.json is missing: expected a {cls.__name__} in {sub}")
+    try:
+        return cls.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
+    except Exception as exc:
+        raise WeightsError(f"could not load {cls.__name__} from {sub}: {exc}") from exc
+
+
+def load_diffusers_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                          tokenizer_dir: str | os.PathLike | None = None) -> SDComponents:
+    """Load unet/vae/text_encoder/tokenizer/scheduler config from a diffusers pipeline folder (or the
+    DiffHarmony archive root, whose ``base/`` is one)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = resolve_pipeline_folder(path)
+    unet = _from_pretrained(UNet2DConditionModel, folder, "unet", dtype)
+    vae = _from_pretrained(AutoencoderKL, folder, "vae", dtype)
+    text_encoder = _from_pretrained(CLIPTextModel, folder, "text_encoder", dtype)
+    tokenizer = load_tokenizer([folder / "tokenizer", tokenizer_dir])
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    if not sched_file.is_file():
+        raise WeightsError(f"{sched_file} is missing: expected the scheduler config of the pipeline")
+    scheduler_config = json.loads(sched_file.read_text())
+    for m in (unet, vae, text_encoder):
+        own_memory(m).eval().requires_grad_(False)
+    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler_config, str(folder), dtype)
+
+
+def load_sd(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+            tokenizer_dir: str | os.PathLike | None = None) -> SDComponents:
+    """Load from a diffusers folder, the DiffHarmony archive root, or a single-file checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"model not found: {path}")
+    if path.is_file():
+        from .single_file import load_single_file
+
+        return load_single_file(path, dtype=dtype, tokenizer_dir=tokenizer_dir)
+    return load_diffusers_folder(path, dtype=dtype, tokenizer_dir=tokenizer_dir)
+
+
+def find_models(roots: list[str | os.PathLike], files: bool = True) -> dict[str, Path]:
+    """Models under ``roots``: diffusers folders, DiffHarmony archives (folders with base/) and, with
+    ``files``, single-file ``.safetensors`` checkpoints. Names are paths relative to their root."""
+    found: dict[str, Path] = {}
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            d = Path(dirpath)
+            if is_diffusers_folder(d) or diffharmony_base(d) is not None:
+                name = d.relative_to(root).as_posix() if d != root else d.name
+                found.setdefault(name, d)
+                dirnames[:] = []  # do not descend into a model
+                continue
+            if files:
+                for f in filenames:
+                    if f.lower().endswith(".safetensors"):
+                        found.setdefault((d / f).relative_to(root).as_posix(), d / f)
+            dirnames.sort()
+    return dict(sorted(found.items()))
