@@ -16,7 +16,7 @@ from comfyui_harmonize.nodes.metrics import HarmonizeMetrics
 from comfyui_harmonize.pipelines.evaluation import metrics
 from comfyui_harmonize.pipelines.core.errors import InputError
 
-COMPOSITES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "composites"
+COMPOSITES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "composites"
 
 
 def ref_metrics(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> dict:

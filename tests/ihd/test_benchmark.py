@@ -176,7 +176,7 @@ def test_console_scripts_point_at_the_commands():
     import tomllib
     from pathlib import Path
 
-    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    scripts = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
     ours = {k: v for k, v in scripts.items() if k.startswith("harmonize-")}
     assert set(ours) == {"harmonize-benchmark", "harmonize-train-diffharmony", "harmonize-train-refiner",
                          "harmonize-train-evaluator"}

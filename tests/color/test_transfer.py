@@ -20,7 +20,7 @@ from comfyui_harmonize.pipelines.evaluation import metrics
 from comfyui_harmonize.pipelines.color import restore
 from comfyui_harmonize.pipelines.core.errors import InputError
 
-COMPOSITES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "composites"
+COMPOSITES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "composites"
 
 
 

@@ -50,7 +50,7 @@ def tiny_pidinet():
     return PiDiNet(inplane=4, dil=4, sa=True).eval().requires_grad_(False)
 
 
-PUBLISHED_PIDINET = Path(__file__).resolve().parents[2] / "shared" / "data" / "pidinet" / "table5_pidinet-tiny.pth"
+PUBLISHED_PIDINET = Path(__file__).resolve().parents[3] / "shared" / "data" / "pidinet" / "table5_pidinet-tiny.pth"
 
 
 @pytest.fixture(scope="module", params=["random", "published"])

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from comfyui_harmonize.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 from comfyui_harmonize.nodes.describe import NO_LOCAL_MODEL, HarmonizeDescribe  # noqa: E402
@@ -25,7 +25,7 @@ from comfyui_harmonize.pipelines.describe import vlm  # noqa: E402
 from comfyui_harmonize.pipelines.describe.descriptions import VOCABULARY_WORDS, Description  # noqa: E402
 from comfyui_harmonize.pipelines.core.errors import InputError, WeightsError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOG = Description("dog", ("bright", "summer"), ("winter", "dull", "greyscale"))
 LINES = ["dog & (foreground) bright summer & (background) winter dull greyscale",
          "dog & (foreground) sunny warm & (background) cold snowy",

@@ -15,7 +15,7 @@ from comfyui_harmonize.nodes import edges as pidinet_nodes
 from comfyui_harmonize.pipelines.edges import loss as edges, pidinet
 from comfyui_harmonize.pipelines.core.errors import InputError, WeightsError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 TINY_CKPT = SHARED / "pidinet" / "table5_pidinet-tiny.pth"
 CAT = SHARED / "composites" / "cat_composite.png"
 
