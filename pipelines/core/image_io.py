@@ -1,4 +1,5 @@
-"""Reading and writing image files as ComfyUI-style tensors (for the command line and benchmarks)."""
+"""Reading and writing image files as ComfyUI-style tensors: the one reader of the command line, the
+iHarmony4 benchmark, the training data and the benchmarks, so a file reads the same everywhere."""
 from __future__ import annotations
 
 import os
@@ -13,32 +14,45 @@ from .errors import InputError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def _open(path: str | os.PathLike) -> Image.Image:
+def _open(path: str | os.PathLike, what: str) -> Image.Image:
     try:
-        img = Image.open(path)
-        return ImageOps.exif_transpose(img)
+        with Image.open(path) as img:
+            img.load()
+            return ImageOps.exif_transpose(img)
     except FileNotFoundError:
-        raise InputError(f"image not found: {path}") from None
+        raise InputError(f"{what} file not found: {path}") from None
     except Exception as exc:
-        raise InputError(f"cannot read image {path}: {exc}") from exc
+        raise InputError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """An image file as ``[H,W,3]`` float32 0..1: EXIF orientation applied, alpha dropped, grey expanded."""
+    img = _open(path, "image").convert("RGB")
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+
+
+def read_mask(path: str | os.PathLike) -> torch.Tensor:
+    """A mask file as ``[H,W]`` float32 0..1, white = foreground, grey levels kept (binarise where needed).
+
+    The rule: when the file has an alpha channel that is not fully opaque, the alpha channel is the mask
+    (a cut-out saved with transparency); otherwise the luminance. EXIF orientation is applied as for images.
+    """
+    img = _open(path, "mask")
+    if "A" in img.getbands():
+        alpha = np.asarray(img.getchannel("A"), dtype=np.float32)
+        if alpha.min() < 255:
+            return torch.from_numpy(alpha / 255.0)
+    return torch.from_numpy(np.asarray(img.convert("L"), dtype=np.float32) / 255.0)
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """IMAGE ``[1,H,W,3]`` float32 0..1 (alpha dropped, grey expanded)."""
-    img = _open(path).convert("RGB")
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None].contiguous()
+    """IMAGE ``[1,H,W,3]`` float32 0..1 of an image file (see :func:`read_image`)."""
+    return read_image(path)[None].contiguous()
 
 
 def load_mask(path: str | os.PathLike) -> torch.Tensor:
-    """MASK ``[1,H,W]`` 0..1: white = foreground. The luminance of the image, or its alpha channel when the
-    colour channels are constant and the alpha channel is not (a cut-out saved as transparency)."""
-    img = _open(path)
-    lum = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    if "A" in img.getbands() and lum.min() == lum.max():
-        alpha = np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
-        if alpha.min() != alpha.max():
-            lum = alpha
-    return torch.from_numpy(lum)[None].contiguous()
+    """MASK ``[1,H,W]`` 0..1 of a mask file (see :func:`read_mask` for the alpha/luminance rule)."""
+    return read_mask(path)[None].contiguous()
 
 
 def free_path(path: str | os.PathLike) -> Path:

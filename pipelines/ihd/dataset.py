@@ -19,10 +19,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core import image_io
 from ..core.errors import InputError
 
 SUBSETS = ("HAdobe5k", "HCOCO", "HFlickr", "Hday2night")  # the order of the paper's tables
@@ -169,36 +169,6 @@ def check_samples(samples: list[Sample]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ reading
-def read_rgb(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as uint8 ``[H,W,3]``."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8))
-    except FileNotFoundError:
-        raise InputError(f"image file not found: {path}") from None
-    except Exception as exc:
-        raise InputError(f"could not read image {path}: {exc}") from exc
-
-
-def read_mask(path: str | os.PathLike) -> torch.Tensor:
-    """A mask file as float ``[H,W]`` in 0..1 (grey levels kept; binarise where needed)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            if im.mode in ("RGBA", "LA") and np.array(im.getchannel("A")).min() < 255:
-                arr = np.array(im.getchannel("A"))  # a cut-out: the alpha channel is the mask
-            else:
-                arr = np.array(im.convert("L"))
-    except FileNotFoundError:
-        raise InputError(f"mask file not found: {path}") from None
-    except Exception as exc:
-        raise InputError(f"could not read mask {path}: {exc}") from exc
-    return torch.from_numpy(arr.astype(np.float32) / 255.0)
-
-
 def _shrink(x: torch.Tensor, max_side: int | None, mode: str) -> torch.Tensor:
     """``[C,H,W]`` float resized so its long side is at most ``max_side``."""
     h, w = x.shape[-2:]
@@ -217,9 +187,9 @@ def load_sample(sample: Sample, max_side: int | None = None) -> dict:
     ``max_side`` pre-resizes (antialiased bilinear; mask nearest after binarising) so the long side is at
     most that many pixels, as many methods do with the large HAdobe5k images.
     """
-    comp = read_rgb(sample.composite).permute(2, 0, 1).float() / 255.0
-    real = read_rgb(sample.real).permute(2, 0, 1).float() / 255.0
-    mask = read_mask(sample.mask)[None]
+    comp = image_io.read_image(sample.composite).permute(2, 0, 1)
+    real = image_io.read_image(sample.real).permute(2, 0, 1)
+    mask = image_io.read_mask(sample.mask)[None]
     if comp.shape != real.shape or comp.shape[-2:] != mask.shape[-2:]:
         raise InputError(f"{sample.name}: composite {tuple(comp.shape[-2:])}, real {tuple(real.shape[-2:])} and "
                          f"mask {tuple(mask.shape[-2:])} sizes differ; expected one size for all three")
@@ -314,7 +284,7 @@ class PairDataset(torch.utils.data.Dataset):
         d = load_sample(s, self.max_side)
         harm = None
         if self.cache_dir is not None:
-            harm = read_rgb(self.cache_dir / f"{s.name}.png").permute(2, 0, 1).float() / 255.0
+            harm = image_io.read_image(self.cache_dir / f"{s.name}.png").permute(2, 0, 1)
             h, w = d["composite"].shape[1:3]
             if tuple(harm.shape[-2:]) != (h, w):
                 harm = F.interpolate(harm[None], size=(h, w), mode="bilinear", align_corners=False,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..evaluation import evaluator as ev
 from ..ihd import dataset as ihd
+from ..core import image_io
 from ..core.errors import InputError, WeightsError
 from .common import add_common_args, run_command
 from ..core.weights import load_state_dict
@@ -58,8 +59,8 @@ class ScoredImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, mask_path, score = self.items[index]
-        image = ihd.read_rgb(path).float()[None] / 255.0
-        mask = ihd.read_mask(mask_path)[None]
+        image = image_io.load_image(path)
+        mask = image_io.load_mask(mask_path)
         if mask.shape[-2:] != image.shape[1:3]:
             raise InputError(f"{mask_path} is {tuple(mask.shape[-2:])} but {path} is {tuple(image.shape[1:3])}")
         x = ev.preprocess(image, mask, self.size)[0]
