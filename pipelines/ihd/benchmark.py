@@ -8,7 +8,7 @@
 Methods: ``diffharmony`` (the pack's all-in-one pipeline: any resolution, refinement on/off, steps, scheduler,
 seed), ``composite`` (the input itself: the "composite" row of the papers' tables) and ``color_match`` (a
 global Reinhard colour transfer in Lab: the foreground's mean/std matched to the background's, what a
-colour-match node gives).
+colour-match node gives; pipelines/color/match.py).
 
 Outputs in ``--out``:
 - ``run.json``: the settings that determine the results; a folder never mixes results of other settings;
@@ -38,6 +38,7 @@ import torch
 
 from . import dataset as ihd
 from ..evaluation import metrics
+from ..color.match import lab_color_match
 from ..core.errors import InputError, WeightsError
 
 FIELDS = ("name", "subset", "psnr", "mse", "fmse", "bmse", "fg_ratio", "bucket", "seed")
@@ -55,30 +56,6 @@ Method = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------- methods
-def lab_color_match(image: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Reinhard colour transfer in CIE Lab: each channel of the foreground (mask >= 0.5) is shifted and
-    scaled so its mean and standard deviation equal the background's. IMAGE ``[B,H,W,3]``, MASK
-    ``[B,H,W]``; pixels outside the mask are returned unchanged; an empty or full mask leaves the image."""
-    from kornia.color import lab_to_rgb, rgb_to_lab
-
-    from ..core import images
-
-    image, mask = images.image_and_mask(image, mask)
-    out = image.clone()
-    lab = rgb_to_lab(images.to_nchw(image))  # [B,3,H,W]
-    for b in range(image.shape[0]):
-        fg = mask[b] >= 0.5
-        if not bool(fg.any()) or bool(fg.all()):
-            continue
-        x = lab[b].flatten(1)
-        f, g = x[:, fg.flatten()], x[:, ~fg.flatten()]
-        scale = g.std(dim=1, unbiased=False) / f.std(dim=1, unbiased=False).clamp_min(eps)
-        moved = (lab[b] - f.mean(1)[:, None, None]) * scale[:, None, None] + g.mean(1)[:, None, None]
-        rgb = lab_to_rgb(moved[None], clip=True)[0].permute(1, 2, 0)
-        out[b] = torch.where(fg[..., None], rgb, image[b])
-    return out
-
-
 def build_method(args: argparse.Namespace, device: torch.device) -> Method:
     if args.method == "composite":
         return lambda composite, mask, seed: composite.clone()
