@@ -1,7 +1,10 @@
 """The command-line harmonizer: one image, a folder, no overwriting, clear errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -68,3 +71,39 @@ def test_mask_reading_luminance_or_alpha(tmp_path):
     Image.fromarray(rgba).save(tmp_path / "alpha.png")
     m = image_io.load_mask(tmp_path / "alpha.png")
     assert m[0, 3, 3] == 1 and m[0, 0, 0] == 0
+
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+
+
+def test_color_match_runs_on_the_shipped_sample_without_weights(tmp_path, capsys):
+    """The README's first command: no MODEL, the shipped sample, a full-size result whose background is
+    the composite's, equal to the pipeline function's result (up to 8-bit rounding)."""
+    from comfyui_harmonize.pipelines.color.match import harmonize_color_match
+
+    comp, mask = SAMPLES / "harmonize_sample_cat.jpg", SAMPLES / "harmonize_sample_cat_mask.png"
+    out = tmp_path / "cat.png"
+    assert cli.main(["--method", "color-match", str(comp), str(mask), "-o", str(out), "--resolution", "256"]) == 0
+    assert "not DiffHarmony" in capsys.readouterr().out
+    image, m = image_io.load_image(comp), image_io.load_mask(mask)
+    got = image_io.load_image(out)
+    assert got.shape == image.shape == (1, 515, 768, 3)
+    want = harmonize_color_match(image, m, resolution=256, detail="transfer")
+    assert (got - want).abs().max() <= 0.5 / 255 + 1e-6
+    background = m[0] == 0
+    assert torch.equal(got[0][background], image[0][background])
+    assert (got[0][m[0] >= 0.5] - image[0][m[0] >= 0.5]).abs().mean() > 0.02  # the cat did change
+
+
+def test_color_match_takes_no_model_and_diffharmony_needs_one(tmp_path, capsys):
+    comp, mask = SAMPLES / "harmonize_sample_cat.jpg", SAMPLES / "harmonize_sample_cat_mask.png"
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["--method", "color-match", "model", str(comp), str(mask), "-o", str(tmp_path / "x.png")])
+    assert exc.value.code == 2
+    assert "takes COMPOSITE MASK" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args([str(comp), str(mask), "-o", str(tmp_path / "x.png")])
+    assert "takes MODEL COMPOSITE MASK" in capsys.readouterr().err
+    args = cli.parse_args(["--method", "color-match", str(comp), str(mask), "-o", "x.png"])
+    assert (args.model, args.composite, args.detail) == (None, str(comp), "transfer")
+    assert cli.parse_args(["m", "c", "k", "-o", "x.png"]).detail == "resample"
