@@ -50,7 +50,8 @@ class HarmonizeColorTransfer:
         }}
 
     def run(self, composite, harmonized, mask, feather=0):
-        return (restore_pipeline.restore(harmonized, composite, mask, int(feather), detail="transfer"),)
+        return (restore_pipeline.restore(harmonized, composite, mask, int(feather), detail="transfer",
+                                         cancel=host.check_interrupt),)
 
 
 class HarmonizeFitLUT:
@@ -78,8 +79,9 @@ class HarmonizeFitLUT:
         }}
 
     def run(self, composite, harmonized, mask, size="33", smoothness=lut_pipeline.DEFAULT_SMOOTHNESS):
-        lut = lut_pipeline.fit_lut(composite, harmonized, mask, int(size), float(smoothness))
-        return (lut, lut_pipeline.apply_lut(composite, lut, mask))
+        lut = lut_pipeline.fit_lut(composite, harmonized, mask, int(size), float(smoothness),
+                                   cancel=host.check_interrupt)
+        return (lut, lut_pipeline.apply_lut(composite, lut, mask, cancel=host.check_interrupt))
 
 
 class HarmonizeApplyLUT:
@@ -103,7 +105,7 @@ class HarmonizeApplyLUT:
         }}
 
     def run(self, image, lut, feather=0, mask=None):
-        return (lut_pipeline.apply_lut(image, lut, mask, int(feather)),)
+        return (lut_pipeline.apply_lut(image, lut, mask, int(feather), cancel=host.check_interrupt),)
 
 
 class HarmonizeSaveLUT:
@@ -155,7 +157,8 @@ class HarmonizeLUTSequence:
         }}
 
     def run(self, images, mask, size="33", filename_prefix="harmonize/steps"):
-        paths = lut_pipeline.save_lut_sequence(images, mask, host.output_directory(), filename_prefix, int(size))
+        paths = lut_pipeline.save_lut_sequence(images, mask, host.output_directory(), filename_prefix, int(size),
+                                               cancel=host.check_interrupt)
         names = [_relative_to_output(p) for p in paths]
         return {"ui": {"text": names}, "result": ("\n".join(names),)}
 

@@ -85,7 +85,8 @@ class HarmonizeDiffHarmonyEncode:
 
     def encode(self, model, composite, resolution, fit, seed):
         sd = _on_device(model)
-        return ({"samples": dh.encode(sd, composite, resolution, seed, square=fit == FITS[1])},)
+        return ({"samples": dh.encode(sd, composite, resolution, seed, square=fit == FITS[1],
+                                      cancel=host.check_interrupt)},)
 
 
 class HarmonizeMaskToLatent:
@@ -154,7 +155,7 @@ class HarmonizeDiffHarmonyDecode:
         }}
 
     def decode(self, model, latent):
-        return (dh.decode(_on_device(model), latent["samples"]),)
+        return (dh.decode(_on_device(model), latent["samples"], cancel=host.check_interrupt),)
 
 
 class HarmonizeRefinerLoader:
@@ -199,7 +200,8 @@ class HarmonizeRefine:
 
     def refine(self, refiner, harmonized, composite, mask, resolution, fit):
         device = host.load_to_device(refiner)
-        return (rf.refine(refiner, harmonized, composite, mask, resolution, device=device, square=fit == FITS[1]),)
+        return (rf.refine(refiner, harmonized, composite, mask, resolution, device=device, square=fit == FITS[1],
+                          cancel=host.check_interrupt),)
 
 
 class HarmonizeRestore:
@@ -220,7 +222,7 @@ class HarmonizeRestore:
         }}
 
     def restore(self, harmonized, composite, mask, feather, detail):
-        return (restore(harmonized, composite, mask, feather=feather, detail=detail),)
+        return (restore(harmonized, composite, mask, feather=feather, detail=detail, cancel=host.check_interrupt),)
 
 
 class HarmonizeDiffHarmony:
@@ -254,7 +256,7 @@ class HarmonizeDiffHarmony:
         out = dh.harmonize(sd, composite, mask, seed=seed, steps=steps, resolution=resolution, scheduler=scheduler,
                            guidance=guidance, square=fit == FITS[1], refiner=refiner,
                            refine_resolution=refine_resolution, feather=feather, detail=detail,
-                           callback=host.Progress(steps))
+                           callback=host.Progress(steps), cancel=host.check_interrupt)
         return (out,)
 
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..core import cancel as cancelling
 from ..core import image_io, images
 from ..core.errors import InputError
 
@@ -112,9 +113,10 @@ def lookup(rgb: torch.Tensor, lut: Lut3D) -> torch.Tensor:
 
 
 def apply_lut(image: torch.Tensor, lut: Lut3D, mask: torch.Tensor | None = None, feather: int = 0,
-              strip_pixels: int = APPLY_STRIP_PIXELS) -> torch.Tensor:
+              strip_pixels: int = APPLY_STRIP_PIXELS, cancel: cancelling.Cancel = None) -> torch.Tensor:
     """Apply ``lut`` to IMAGE ``[B,H,W,3]`` (any size), in strips of rows (bounded memory). With a ``mask``
-    the result is blended in inside it (``feather`` px inwards) and the rest stays bit for bit."""
+    the result is blended in inside it (``feather`` px inwards) and the rest stays bit for bit. ``cancel``
+    is checked before every strip."""
     if not isinstance(lut, Lut3D):
         raise InputError(f"lut must be a Lut3D (HARMONY_LUT), got {type(lut).__name__}")
     image = images.image_batch(image)
@@ -123,12 +125,13 @@ def apply_lut(image: torch.Tensor, lut: Lut3D, mask: torch.Tensor | None = None,
     rows = max(1, int(strip_pixels) // w)
     for i in range(b):
         for y0 in range(0, h, rows):
+            cancelling.check(cancel)
             out[i, y0:y0 + rows] = lookup(image[i, y0:y0 + rows], lut).clamp_(0, 1)
     if mask is None:
         return out
     image, mask = images.image_and_mask(image, mask)
     out, mask = images.match_batches(out, mask)
-    return images.paste(out, image.expand_as(out), mask, feather)
+    return images.paste(out, image.expand_as(out), mask, feather, cancel)
 
 
 # -------------------------------------------------------------------------------------------- fit
@@ -217,7 +220,7 @@ def _accumulate(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, size: int, ch
 
 
 def _solve(data: _Data, smoothness: float, init: torch.Tensor, tol: float = CG_TOL,
-           max_iters: int = CG_MAX_ITERS) -> tuple[torch.Tensor, int]:
+           max_iters: int = CG_MAX_ITERS, cancel: cancelling.Cancel = None) -> tuple[torch.Tensor, int]:
     """Jacobi-preconditioned CG on ``(Phi^T W Phi + lam K) d = rhs`` for the deviation ``d`` ``[N^3, 3]`` from
     the global affine fit, the three channels at once (each with its own step sizes). Returns (d, iterations)."""
     n = data.size
@@ -237,6 +240,7 @@ def _solve(data: _Data, smoothness: float, init: torch.Tensor, tol: float = CG_T
     it = 0
     while it < max_iters and not bool((r.norm(dim=0) <= limit).all()):
         it += 1
+        cancelling.check(cancel)
         ap = matvec(p)
         alpha = rz / (p * ap).sum(0).clamp(min=1e-300)
         x.addcmul_(p, alpha)
@@ -268,8 +272,10 @@ def _affine_fit(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, ridge: float 
 
 
 def fit_lut_samples(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None, size: int = DEFAULT_SIZE,
-                    smoothness: float = DEFAULT_SMOOTHNESS, title: str = "") -> Lut3D:
-    """Fit a ``size``-node LUT to color pairs ``x -> y`` (``[n, 3]`` in 0..1) with weights ``w`` ``[n]``."""
+                    smoothness: float = DEFAULT_SMOOTHNESS, title: str = "",
+                    cancel: cancelling.Cancel = None) -> Lut3D:
+    """Fit a ``size``-node LUT to color pairs ``x -> y`` (``[n, 3]`` in 0..1) with weights ``w`` ``[n]``.
+    ``cancel`` is checked once per level and per conjugate-gradient iteration."""
     size = int(size)
     if not 2 <= size <= MAX_CUBE_SIZE:
         raise InputError(f"LUT size must be 2..{MAX_CUBE_SIZE} (17, 33 or 65 are usual), got {size}")
@@ -288,9 +294,10 @@ def fit_lut_samples(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = N
     levels = [s for s in (17, 33) if s < size] + [size]
     dev, iters, prev = None, [], None
     for s in levels:
+        cancelling.check(cancel)
         data = _accumulate(x, resid, w, s)
         init = torch.zeros(s ** 3, 3, dtype=torch.float64) if dev is None else _upsample_table(dev, prev, s)
-        dev, it = _solve(data, smoothness, init)
+        dev, it = _solve(data, smoothness, init, cancel=cancel)
         iters.append(it)
         prev = s
     ident = identity_table(size).reshape(-1, 3)
@@ -308,7 +315,7 @@ def _pairs(source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
     are resized to the target's size, as the harmonizer saw them. Returns x, y ``[n,3]`` and weights ``[n]``."""
     source, mask = images.image_and_mask(source, mask)
     target = images.image_batch(target, "harmonized")
-    source, target = images.match_batches(source, target)
+    source, target = images.match_batches(source, target, ("composite", "harmonized"))
     mask = images.match_batches(source, mask)[1]
     size = tuple(target.shape[1:3])
     xs, ys, ws = [], [], []
@@ -327,7 +334,8 @@ def _pairs(source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
 
 
 def fit_lut(composite: torch.Tensor, harmonized: torch.Tensor, mask: torch.Tensor, size: int = DEFAULT_SIZE,
-            smoothness: float = DEFAULT_SMOOTHNESS, title: str | None = None) -> Lut3D:
+            smoothness: float = DEFAULT_SMOOTHNESS, title: str | None = None,
+            cancel: cancelling.Cancel = None) -> Lut3D:
     """Fit one global LUT mapping the composite's foreground colors to the harmonized result's.
 
     ``composite`` IMAGE ``[B,H,W,3]`` (any size), ``harmonized`` IMAGE ``[B,h,w,3]`` (any size: the composite
@@ -338,11 +346,11 @@ def fit_lut(composite: torch.Tensor, harmonized: torch.Tensor, mask: torch.Tenso
     x, y, w = _pairs(composite, harmonized, mask)
     if title is None:
         title = f"ComfyUI-Harmonize {int(size)}^3: composite -> harmonized"
-    return fit_lut_samples(x, y, w, size, smoothness, title)
+    return fit_lut_samples(x, y, w, size, smoothness, title, cancel)
 
 
 def fit_lut_sequence(frames: torch.Tensor, mask: torch.Tensor, size: int = DEFAULT_SIZE,
-                     smoothness: float = DEFAULT_SMOOTHNESS) -> list[Lut3D]:
+                     smoothness: float = DEFAULT_SMOOTHNESS, cancel: cancelling.Cancel = None) -> list[Lut3D]:
     """One LUT per consecutive pair of ``frames`` (IMAGE ``[T,H,W,3]``, e.g. the per-iteration results of
     the iterative zero-shot harmonizer): LUT ``k`` maps frame ``k``'s foreground colors to frame ``k+1``'s.
     ``mask`` is one MASK for all frames or one per frame (frame ``k``'s mask is used for pair ``k``)."""
@@ -354,7 +362,7 @@ def fit_lut_sequence(frames: torch.Tensor, mask: torch.Tensor, size: int = DEFAU
     luts = []
     for k in range(frames.shape[0] - 1):
         title = f"ComfyUI-Harmonize {int(size)}^3: iteration {k} -> {k + 1}"
-        luts.append(fit_lut(frames[k:k + 1], frames[k + 1:k + 2], mask[k:k + 1], size, smoothness, title))
+        luts.append(fit_lut(frames[k:k + 1], frames[k + 1:k + 2], mask[k:k + 1], size, smoothness, title, cancel))
     return luts
 
 
@@ -380,26 +388,32 @@ def format_cube(lut: Lut3D) -> str:
 
 def cube_path(folder: str, prefix: str) -> str:
     """``folder/prefix.cube`` for a ComfyUI-style ``filename_prefix`` (may contain sub-folders such as
-    ``harmonize/look``); a prefix that is empty, absolute or leaves ``folder`` (``..``) is an error."""
+    ``harmonize/look``); a prefix that is empty, absolute, names no file (``.``, ``a/..``) or leaves
+    ``folder`` is an error. Paths are compared after resolving symbolic links, so a link inside the output
+    folder that points elsewhere cannot carry the file out of it."""
     prefix = str(prefix).strip().replace("\\", "/")
     if prefix.lower().endswith(".cube"):
         prefix = prefix[:-5]
+    expected = "expected a relative name such as 'harmonize/lut'"
     if not prefix or prefix.startswith("/") or os.path.isabs(prefix) or ":" in prefix:
         raise InputError(f"filename_prefix must be a relative name such as 'harmonize/lut', got {prefix!r}")
-    root = os.path.abspath(folder)
-    path = os.path.abspath(os.path.join(root, prefix + ".cube"))
-    if os.path.commonpath([root, path]) != root or os.path.basename(path) == ".cube":
-        raise InputError(f"filename_prefix {prefix!r} leaves the output folder or names no file; expected a "
-                         f"relative name such as 'harmonize/lut'")
+    if not prefix.split("/")[-1].strip(". "):
+        raise InputError(f"filename_prefix {prefix!r} names no file (its last part is empty or only dots); {expected}")
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(root, prefix + ".cube"))
+    if os.path.commonpath([root, path]) != root:
+        raise InputError(f"filename_prefix {prefix!r} leads out of the output folder {folder} (through '..' or a "
+                         f"symbolic link); {expected}")
     return path
 
 
 def save_lut_sequence(frames: torch.Tensor, mask: torch.Tensor, folder: str, prefix: str,
-                      size: int = DEFAULT_SIZE, smoothness: float = DEFAULT_SMOOTHNESS) -> list[str]:
+                      size: int = DEFAULT_SIZE, smoothness: float = DEFAULT_SMOOTHNESS,
+                      cancel: cancelling.Cancel = None) -> list[str]:
     """Fit ``fit_lut_sequence`` and write LUT ``k`` to ``folder/prefix_{k:03d}-{k+1:03d}.cube`` (never
     overwriting). Returns the paths written, in order."""
-    luts = fit_lut_sequence(frames, mask, size, smoothness)
-    base = cube_path(folder, prefix)[:-5]
+    base = cube_path(folder, prefix)[:-5]  # a bad prefix is refused before any fitting
+    luts = fit_lut_sequence(frames, mask, size, smoothness, cancel)
     return [write_cube(lut, f"{base}_{k:03d}-{k + 1:03d}.cube") for k, lut in enumerate(luts)]
 
 

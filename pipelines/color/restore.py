@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core import cancel as cancelling
 from ..core import images
 from ..core.errors import InputError
 
@@ -13,24 +14,25 @@ DETAIL_MODES = ("resample", "transfer")
 
 
 def restore(harmonized: torch.Tensor, composite: torch.Tensor, mask: torch.Tensor, feather: int = 0,
-            detail: str = "resample") -> torch.Tensor:
+            detail: str = "resample", cancel: cancelling.Cancel = None) -> torch.Tensor:
     """``harmonized`` IMAGE at any size, ``composite`` IMAGE and ``mask`` at the output size.
 
     detail="resample": the harmonized image is resized (bilinear) to the composite's size.
     detail="transfer": the color change is fitted at the harmonized image's size and applied to the
     full-resolution composite, keeping its edges and texture (pipelines/color/transfer.py).
+    ``cancel`` is checked per strip and per image (see transfer.transfer_color and images.paste).
     """
     composite, mask = images.image_and_mask(composite, mask)
     harmonized = images.image_batch(harmonized, "harmonized")
-    composite, harmonized = images.match_batches(composite, harmonized)
+    composite, harmonized = images.match_batches(composite, harmonized, ("composite", "harmonized"))
     mask = images.match_batches(composite, mask)[1]
     if detail == "transfer":
         from .transfer import transfer_color
 
-        harmonized = transfer_color(composite, harmonized, mask)
+        harmonized = transfer_color(composite, harmonized, mask, cancel=cancel)
     elif detail != "resample":
         raise InputError(f"detail must be one of {DETAIL_MODES}, got {detail!r}")
-    out = images.paste(harmonized, composite, mask, feather)
+    out = images.paste(harmonized, composite, mask, feather, cancel)
     empty = images.empty_masks(mask)
     if bool(empty.any()):
         out = torch.where(empty[:, None, None, None], composite, out)

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..core import cancel as cancelling
 from ..core import images
 from ..core.errors import InputError
 
@@ -149,13 +150,14 @@ class AffineGrid:
         return i0, i1, (cell - i0).float()
 
     def apply(self, image: torch.Tensor, out: torch.Tensor | None = None,
-              strip_pixels: int = STRIP_PIXELS) -> torch.Tensor:
+              strip_pixels: int = STRIP_PIXELS, cancel: cancelling.Cancel = None) -> torch.Tensor:
         """Apply to one image ``[H, W, 3]`` of any size covering the same frame (the coefficient maps are
         stretched over it and interpolated bilinearly); writes into ``out`` ([H,W,3] float32, contiguous)
         when given. The result is clamped to 0..1.
 
         Rows are processed in strips of at most ``strip_pixels`` pixels that never straddle two grid rows,
-        so the vertical interpolation is one fused ``base + fy * (next - base)`` per strip."""
+        so the vertical interpolation is one fused ``base + fy * (next - base)`` per strip. ``cancel`` is
+        checked before every strip."""
         hh, ww = image.shape[:2]
         if out is None:
             out = torch.empty(hh, ww, 3, dtype=torch.float32)
@@ -175,6 +177,7 @@ class AffineGrid:
         max_rows = max(1, int(strip_pixels) // ww)
         y0 = 0
         while y0 < hh:
+            cancelling.check(cancel)
             k = int(r0[y0])
             y1 = y0 + 1
             while y1 < hh and y1 - y0 < max_rows and int(r0[y1]) == k:
@@ -256,7 +259,8 @@ LUMA = (0.299, 0.587, 0.114)  # Rec. 601 weights: the blur search compares lumin
 
 
 def estimate_blur(guide: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, radius: int, step: int,
-                  sigmas=DEFAULT_BLUR_SIGMAS, eps: float = DEFAULT_EPS, prior: float = DEFAULT_PRIOR) -> float:
+                  sigmas=DEFAULT_BLUR_SIGMAS, eps: float = DEFAULT_EPS, prior: float = DEFAULT_PRIOR,
+                  cancel: cancelling.Cancel = None) -> float:
     """The Gaussian sigma (pixels) from ``sigmas`` that, applied to the guide, lets local affine models
     explain the target best: for each candidate, a ridge-regularised 1-D local fit of the target's luminance
     on the blurred guide's luminance over the same windows as the color fit, scored by the mask-weighted
@@ -281,6 +285,7 @@ def estimate_blur(guide: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     var_t = moment(wt * tl) / s0 - m_t * m_t
     best, best_res = None, None
     for sigma in sigmas:
+        cancelling.check(cancel)
         g = gaussian_blur(gl[None], float(sigma))[0] - mg
         wg = weight * g
         m_g = moment(wg) / s0
@@ -297,11 +302,12 @@ def estimate_blur(guide: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 def fit_local_affine(guide: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
                      radius: int | None = None, eps: float = DEFAULT_EPS, prior: float = DEFAULT_PRIOR,
                      blur_sigma: float | None = None, blur_sigmas=DEFAULT_BLUR_SIGMAS,
-                     step: int | None = None) -> AffineGrid:
+                     step: int | None = None, cancel: cancelling.Cancel = None) -> AffineGrid:
     """Fit ``target ~ A(x) blur(guide) + b(x)`` inside ``weight`` (see the module docstring).
 
     ``guide``, ``target``: ``[3, h, w]`` 0..1 at the same size; ``weight``: ``[h, w]`` in 0..1 (an all-zero
     weight fits the whole image). ``blur_sigma`` None estimates it from ``blur_sigmas`` (``estimate_blur``).
+    ``cancel`` is checked per candidate blur and before the fit.
     """
     if eps <= 0 or prior <= 0:
         raise InputError(f"eps and prior must be > 0, got eps={eps}, prior={prior}")
@@ -322,9 +328,10 @@ def fit_local_affine(guide: torch.Tensor, target: torch.Tensor, weight: torch.Te
         sigmas = [float(x) for x in blur_sigmas]
         if not sigmas or min(sigmas) < 0:
             raise InputError(f"blur sigmas must be >= 0, got {sigmas}")
-        blur_sigma = estimate_blur(g, t, wt, r, s, sigmas, eps, prior)
+        blur_sigma = estimate_blur(g, t, wt, r, s, sigmas, eps, prior, cancel)
     elif blur_sigma < 0:
         raise InputError(f"blur_sigma must be >= 0 (pixels at the fit resolution), got {blur_sigma}")
+    cancelling.check(cancel)
     grid = _fit(gaussian_blur(g, float(blur_sigma)), t, wt, r, s, eps, prior)
     grid.blur_sigma = float(blur_sigma)
     return grid
@@ -342,7 +349,7 @@ def fit_size_for(harmonized_hw: tuple[int, int], fit_long_side: int) -> tuple[in
 def transfer_color(composite: torch.Tensor, harmonized: torch.Tensor, mask: torch.Tensor,
                    radius: int | None = None, eps: float = DEFAULT_EPS, prior: float = DEFAULT_PRIOR,
                    blur_sigma: float | None = None, fit_long_side: int = DEFAULT_FIT_LONG_SIDE,
-                   callback=None) -> torch.Tensor:
+                   callback=None, cancel: cancelling.Cancel = None) -> torch.Tensor:
     """Apply the color change from ``composite`` to ``harmonized`` to the full-resolution ``composite``.
 
     ``composite`` IMAGE ``[B,H,W,3]`` (full resolution), ``harmonized`` IMAGE ``[B,h,w,3]`` at the working
@@ -355,11 +362,13 @@ def transfer_color(composite: torch.Tensor, harmonized: torch.Tensor, mask: torc
     ``radius``: window radius in pixels at the fit resolution (default long side / 64); ``eps``/``prior``:
     regularisation; ``blur_sigma``: the harmonized result's softness in fit pixels (None: estimated);
     ``fit_long_side``: the fit runs at the harmonized size, scaled down to at most this long side.
-    Deterministic; never modifies its inputs. ``callback(step, total)`` is called once per image.
+    Deterministic; never modifies its inputs. ``callback(step, total)`` is called once per image;
+    ``cancel`` is checked per candidate blur, before each fit and before every strip of the full-resolution
+    pass (``STRIP_PIXELS`` pixels).
     """
     composite, mask = images.image_and_mask(composite, mask)
     harmonized = images.image_batch(harmonized, "harmonized")
-    composite, harmonized = images.match_batches(composite, harmonized)
+    composite, harmonized = images.match_batches(composite, harmonized, ("composite", "harmonized"))
     mask = images.match_batches(composite, mask)[1]
     if int(fit_long_side) < 8:
         raise InputError(f"fit_long_side must be >= 8, got {fit_long_side}")
@@ -370,8 +379,8 @@ def transfer_color(composite: torch.Tensor, harmonized: torch.Tensor, mask: torc
         guide = images.resize_nchw(images.to_nchw(composite[i:i + 1]), size)[0].clamp(0, 1)
         target = images.resize_nchw(images.to_nchw(harmonized[i:i + 1]), size)[0].clamp(0, 1)
         weight = images.resize_nchw(mask[i:i + 1, None], size)[0, 0].clamp(0, 1)
-        grid = fit_local_affine(guide, target, weight, radius, eps, prior, blur_sigma)
-        grid.apply(composite[i], out[i])
+        grid = fit_local_affine(guide, target, weight, radius, eps, prior, blur_sigma, cancel=cancel)
+        grid.apply(composite[i], out[i], cancel=cancel)
         if callback is not None:
             callback(i + 1, bsz)
     return out

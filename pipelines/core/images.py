@@ -2,19 +2,36 @@
 
 IMAGE is ``[B, H, W, C]`` float in 0..1, MASK is ``[B, H, W]`` (or ``[H, W]``) in 0..1. Functions here
 never modify their inputs.
+
+Integer tensors (one rule for every node and entry point): ``uint8`` is read as 0..255 and divided by 255
+with a warning (a node that hands over 8-bit pixels is common and unambiguous); ``bool`` is 0/1; any other
+integer type is refused, since its range cannot be known.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from . import cancel as cancelling
 from .errors import InputError
 
 ASPECT_TOLERANCE = 0.02
 PASTE_ROWS = 512  # relative difference of aspect ratios up to which a mask is simply resized
+
+
+def as_float(x: torch.Tensor, name: str, kind: str) -> torch.Tensor:
+    """``x`` as float32 in the 0..1 convention (see the module docstring for integer tensors)."""
+    if x.is_floating_point():
+        return x.float()
+    if x.dtype == torch.bool:
+        return x.float()
+    if x.dtype == torch.uint8:
+        warnings.warn(f"{name}: a uint8 {kind} (0..255) was given where ComfyUI's {kind} is float 0..1; it is "
+                      f"divided by 255")
+        return x.float() / 255.0
+    raise InputError(f"{name} is a {x.dtype} tensor; expected a float {kind} in 0..1 (or uint8 0..255)")
 
 
 def image_batch(image: torch.Tensor, name: str = "image") -> torch.Tensor:
@@ -34,7 +51,7 @@ def image_batch(image: torch.Tensor, name: str = "image") -> torch.Tensor:
         image = image[..., :3]
     elif c != 3:
         raise InputError(f"{name} must have 1 (grey), 3 (RGB) or 4 (RGBA) channels, got {c} in shape {tuple(image.shape)}")
-    image = image.float()
+    image = as_float(image, name, "IMAGE")
     if not torch.isfinite(image).all():
         raise InputError(f"{name} contains NaN or infinite values")
     return image
@@ -53,7 +70,7 @@ def mask_batch(mask: torch.Tensor, height: int, width: int, name: str = "mask") 
         mask = mask.unsqueeze(0)
     if mask.dim() != 3:
         raise InputError(f"{name} must have shape [B,H,W] or [H,W] (ComfyUI MASK), got {tuple(mask.shape)}")
-    mask = mask.float().clamp(0, 1)
+    mask = as_float(mask, name, "MASK").clamp(0, 1)
     mh, mw = mask.shape[-2:]
     if (mh, mw) != (height, width):
         if mh == 0 or mw == 0:
@@ -70,8 +87,11 @@ def mask_batch(mask: torch.Tensor, height: int, width: int, name: str = "mask") 
     return mask
 
 
-def match_batches(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Broadcast a batch of 1 against the other; different batch sizes > 1 are an error."""
+def match_batches(images: torch.Tensor, masks: torch.Tensor,
+                  names: tuple[str, str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Broadcast a batch of 1 against the other; different batch sizes > 1 are an error. ``names``
+    (e.g. ``("composite", "harmonized")``) names the two inputs in that error; the default is an IMAGE
+    batch and its MASK batch."""
     bi, bm = images.shape[0], masks.shape[0]
     if bi == bm:
         return images, masks
@@ -79,9 +99,14 @@ def match_batches(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tens
         return images, masks.expand(bi, *masks.shape[1:])
     if bi == 1:
         return images.expand(bm, *images.shape[1:]), masks
+    if names is None:
+        raise InputError(
+            f"batch mismatch: {bi} images but {bm} masks. Expected one mask for all images, "
+            f"one mask per image, or one image with several masks."
+        )
     raise InputError(
-        f"batch mismatch: {bi} images but {bm} masks. Expected one mask for all images, "
-        f"one mask per image, or one image with several masks."
+        f"batch mismatch: {names[0]} holds {bi} images but {names[1]} holds {bm}. Expected the same batch "
+        f"size for both, or a batch of 1 in one of them (used for every image of the other)."
     )
 
 
@@ -158,32 +183,55 @@ def from_signed(x_nchw: torch.Tensor) -> torch.Tensor:
     return to_nhwc((x_nchw.float() / 2 + 0.5).clamp(0, 1)).cpu().contiguous()
 
 
-def feather_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Soften the mask edge *inwards* by ``radius`` pixels: the result is never larger than the mask,
-    so pixels outside the mask stay untouched when pasting."""
+def feather_mask(mask: torch.Tensor, radius: int, cancel: cancelling.Cancel = None) -> torch.Tensor:
+    """Soften the mask edge *inwards* over ``radius`` pixels: the result is never larger than the mask,
+    so pixels outside the mask stay untouched when pasting.
+
+    Each pixel is weighted by ``smoothstep((d - 0.5) / radius)``, ``d`` its Euclidean distance to the nearest
+    pixel outside the mask (< 0.5); the image border is not an edge. One exact distance transform per
+    image (scipy), so the cost does not depend on the radius. A radius wider than an object (its deepest
+    pixel is less than ``radius + 0.5`` px from the edge) would leave nothing at full strength and fade the
+    whole object out: it is clamped to that depth for that image, with a warning. ``cancel`` is checked
+    once per image."""
+    radius = int(radius)
     if radius <= 0:
         return mask
-    import kornia
+    from scipy import ndimage
 
-    m = mask[:, None]
-    kernel = torch.ones(2 * radius + 1, 2 * radius + 1, dtype=m.dtype)
-    eroded = kornia.morphology.erosion(m, kernel, border_type="constant", border_value=1.0)
-    sigma = max(radius / 2.0, 0.5)
-    ksize = 2 * int(math.ceil(2 * sigma)) + 1
-    blurred = kornia.filters.gaussian_blur2d(eroded, (ksize, ksize), (sigma, sigma), border_type="replicate")
-    return torch.minimum(blurred, m)[:, 0]
+    out = mask.clone()
+    clamped = []
+    for i in range(mask.shape[0]):
+        cancelling.check(cancel)
+        inside = (mask[i] >= 0.5).numpy()
+        if inside.all() or not inside.any():
+            continue  # no edge to soften, or nothing to paste
+        depth = torch.from_numpy(ndimage.distance_transform_edt(inside)).float()
+        deepest = float(depth.max())
+        r = float(radius)
+        if radius + 0.5 > deepest:
+            r = max(deepest - 0.5, 0.5)
+            clamped.append((i, deepest))
+        t = ((depth - 0.5) / r).clamp_(0, 1)
+        out[i] = torch.minimum(t * t * (3 - 2 * t), mask[i])
+    if clamped:
+        where = ", ".join(f"image {i}: {d - 0.5:g} px" for i, d in clamped)
+        warnings.warn(f"feather {radius} px is wider than the object, which would fade it out entirely; "
+                      f"clamped to the object's depth ({where})")
+    return out
 
 
-def paste(harmonized: torch.Tensor, composite: torch.Tensor, mask: torch.Tensor, feather: int = 0) -> torch.Tensor:
+def paste(harmonized: torch.Tensor, composite: torch.Tensor, mask: torch.Tensor, feather: int = 0,
+          cancel: cancelling.Cancel = None) -> torch.Tensor:
     """Blend ``harmonized`` (any size, resized to the composite's) into ``composite`` inside ``mask``.
 
     Pixels where the mask is 0 are copied from the composite bit for bit. Images ``[B,H,W,3]``, mask
-    ``[B,H,W]`` at the composite's size.
+    ``[B,H,W]`` at the composite's size. ``cancel`` is checked per image (feather) and per strip.
     """
     h, w = composite.shape[1:3]
     out = resize_images(harmonized, (h, w)).contiguous()
-    m = feather_mask(mask, feather)[..., None]
+    m = feather_mask(mask, feather, cancel)[..., None]
     for r in range(0, h, PASTE_ROWS):  # row strips: temporaries stay small on 20-megapixel images
+        cancelling.check(cancel)
         o, c, mm = out[:, r:r + PASTE_ROWS], composite[:, r:r + PASTE_ROWS], m[:, r:r + PASTE_ROWS]
         o.copy_(torch.where(mm > 0, o * mm + c * (1 - mm), c))
     return out

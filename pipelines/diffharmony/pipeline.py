@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..core import cancel as cancelling
 from ..core import images
 from ..core.errors import InputError, WeightsError
 from ..sd.loading import SDComponents, load_sd
@@ -100,15 +101,15 @@ def working_size(height: int, width: int, resolution: int, square: bool, sd: SDC
 
 @torch.no_grad()
 def encode(sd: SDComponents, image: torch.Tensor, resolution: int = DEFAULT_RESOLUTION, seed: int = 0,
-           square: bool = False, sample: bool = True) -> torch.Tensor:
+           square: bool = False, sample: bool = True, cancel: cancelling.Cancel = None) -> torch.Tensor:
     """IMAGE ``[B,H,W,3]`` -> UNSCALED latents ``[B,4,h/8,w/8]`` of the composite at the working size.
     ``sample=True`` draws from the latent distribution with a generator seeded with ``seed`` (official);
-    ``False`` takes its mode."""
+    ``False`` takes its mode. ``cancel`` is checked before every block of the VAE encoder."""
     image = images.image_batch(image)
     size = working_size(image.shape[1], image.shape[2], resolution, square, sd)
     device, dtype = module_device(sd.vae), sd.vae.dtype
     x = images.to_signed(images.resize_images(image, size)).to(device=device, dtype=dtype)
-    with vae_tiling(sd.vae, max(size)):
+    with vae_tiling(sd.vae, max(size)), cancelling.inside(sd.vae, cancel):
         dist = sd.vae.encode(x).latent_dist
     if not sample:
         return dist.mode().float().cpu()
@@ -175,10 +176,11 @@ def sample(sd: SDComponents, composite_latents: torch.Tensor, mask_latent: torch
 
 
 @torch.no_grad()
-def decode(sd: SDComponents, latents: torch.Tensor) -> torch.Tensor:
-    """UNSCALED latents -> IMAGE ``[B,H,W,3]`` in 0..1."""
+def decode(sd: SDComponents, latents: torch.Tensor, cancel: cancelling.Cancel = None) -> torch.Tensor:
+    """UNSCALED latents -> IMAGE ``[B,H,W,3]`` in 0..1. ``cancel`` is checked before every block of the
+    VAE decoder."""
     device, dtype = module_device(sd.vae), sd.vae.dtype
-    with vae_tiling(sd.vae, max(latents.shape[-2:]) * sd.vae_scale_factor):
+    with vae_tiling(sd.vae, max(latents.shape[-2:]) * sd.vae_scale_factor), cancelling.inside(sd.vae, cancel):
         x = sd.vae.decode(latents.to(device=device, dtype=dtype)).sample
     return images.from_signed(x)
 
@@ -186,11 +188,14 @@ def decode(sd: SDComponents, latents: torch.Tensor) -> torch.Tensor:
 def harmonize(sd: SDComponents, image: torch.Tensor, mask: torch.Tensor, seed: int = 0,
               steps: int = DEFAULT_STEPS, resolution: int = DEFAULT_RESOLUTION, scheduler: str = "euler_ancestral",
               guidance: float = 1.0, square: bool = False, refiner=None, refine_resolution: int = 256,
-              feather: int = 0, detail: str = "resample", callback: Callback | None = None) -> torch.Tensor:
+              feather: int = 0, detail: str = "resample", callback: Callback | None = None,
+              cancel: cancelling.Cancel = None) -> torch.Tensor:
     """The whole system: encode -> mask to latent size -> sample -> decode -> (refine) -> restore.
 
     Returns an IMAGE at the composite's size with the background (mask == 0) bit-identical to the input.
-    Composites whose mask is empty are returned unchanged (with a warning).
+    Composites whose mask is empty are returned unchanged (with a warning). ``callback`` is called after
+    every sampler step; ``cancel`` is checked inside the encode, decode and refiner passes and per strip of
+    the paste (see the stages).
     """
     from ..color.restore import restore
 
@@ -198,13 +203,13 @@ def harmonize(sd: SDComponents, image: torch.Tensor, mask: torch.Tensor, seed: i
     empty = images.warn_empty(mask, "DiffHarmony")
     if bool(empty.all()):
         return image.clone()
-    latents = encode(sd, image, resolution, seed, square)
+    latents = encode(sd, image, resolution, seed, square, cancel=cancel)
     m = latent_mask(mask, latents.shape[-2:])
     out = sample(sd, latents, m, seed, steps, scheduler, guidance, callback=callback)
-    harmonized = decode(sd, out)
+    harmonized = decode(sd, out, cancel)
     if refiner is not None:
         from .refiner import refine
 
         harmonized = refine(refiner, harmonized, image, mask, refine_resolution, device=module_device(refiner),
-                            square=square)
-    return restore(harmonized, image, mask, feather=feather, detail=detail)
+                            square=square, cancel=cancel)
+    return restore(harmonized, image, mask, feather=feather, detail=detail, cancel=cancel)

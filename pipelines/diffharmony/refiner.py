@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core import cancel as cancelling
 from ..core import images
 from ..core.errors import InputError, WeightsError
 from ..core.weights import empty_weights, load_into, load_state_dict
@@ -134,15 +135,17 @@ def refiner_input(harmonized: torch.Tensor, composite: torch.Tensor, mask: torch
 
 @torch.no_grad()
 def refine(model: RefinerUNet, harmonized: torch.Tensor, composite: torch.Tensor, mask: torch.Tensor,
-           resolution: int = 256, device: torch.device | str = "cpu", square: bool = False) -> torch.Tensor:
+           resolution: int = 256, device: torch.device | str = "cpu", square: bool = False,
+           cancel: cancelling.Cancel = None) -> torch.Tensor:
     """Refine a harmonized IMAGE. All inputs are resized to ``resolution`` on the long side, keeping the
     composite's aspect ratio (sides multiples of 16), or to a ``resolution`` square as the official code does
-    (``square=True``). Returns an IMAGE at that size; restore.py brings it back to the composite's size."""
+    (``square=True``). Returns an IMAGE at that size; restore.py brings it back to the composite's size.
+    ``cancel`` is checked before every block of the refiner UNet."""
     if resolution % 16 or resolution < 16:
         raise InputError(f"refine resolution must be a positive multiple of 16, got {resolution}")
     composite, mask = images.image_and_mask(composite, mask)
     harmonized = images.image_batch(harmonized, "harmonized")
-    harmonized, composite = images.match_batches(harmonized, composite)
+    harmonized, composite = images.match_batches(harmonized, composite, ("harmonized", "composite"))
     mask = images.match_batches(composite, mask)[1]
     size = images.fit_size(composite.shape[1], composite.shape[2], resolution, multiple=16, square=square)
     dtype = next(model.parameters()).dtype
@@ -150,7 +153,8 @@ def refine(model: RefinerUNet, harmonized: torch.Tensor, composite: torch.Tensor
     c = images.to_signed(images.resize_images(composite, size))
     m = (images.resize_masks(mask, size) >= 0.5).float()[:, None]
     x = refiner_input(h, c, m, model.config["in_channels"]).to(device=device, dtype=dtype)
-    out = model(x).clamp(-1, 1)
+    with cancelling.inside(model, cancel):
+        out = model(x).clamp(-1, 1)
     return images.from_signed(out)
 
 
