@@ -111,7 +111,8 @@ class HarmonizeDescribe:
         source = vlm.make_backend(
             backend, model=model_name, url=url, timeout=timeout, max_tokens=max_tokens,
             local_model="" if local_model == NO_LOCAL_MODEL else local_model, roots=host.model_roots(LLM_FOLDER),
-            device=device, dtype=host.default_dtype(device), place=host.load_to_device, text=manual_text)
+            device=device, dtype=host.default_dtype(device), place=host.load_to_device, text=manual_text,
+            cancel=host.check_interrupt)
         result = vlm.describe(source, image, mask, k=k, retries=retries, temperature=temperature, seed=seed,
                               mask_as=mask_as, callback=host.Progress(retries + 1))
         return result, result.raw

@@ -17,10 +17,13 @@ Backends:
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.client
 import io
 import ipaddress
 import json
 import os
+import re
 import socket
 import threading
 import urllib.error
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..core import cancel as cancelling
 from ..core import images as im
 from .descriptions import EXAMPLE, FORMAT, Description, DescriptionSet, parse_descriptions, quote, vocabulary_text
 from ..core.errors import InputError, WeightsError
@@ -53,10 +57,70 @@ DEFAULT_MAX_TOKENS = 256
 MAX_SIDE = 1024  # the composite is sent at most this large (long side)
 SEED_MODULUS = 2**31  # Ollama and Gemini take 32-bit seeds
 OUTLINE_COLOR = (1.0, 0.0, 1.0)  # magenta: rare in photos and not a vocabulary colour
+POLL_SECONDS = 0.1  # how often a request in flight checks for cancel
+
+# ---------------------------------------------------------------------------------------- redaction
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+_SECRET_PARAM = re.compile(r"(?P<name>[?&;](?:[\w.-]*(?:key|token|secret|password|passwd|pwd|auth|sig|signature|"
+                           r"credential)[\w.-]*))=[^&#\s'\"]*", re.IGNORECASE)
+_SECRET_FIELD = re.compile(r"(?P<name>[\"']?(?:api[_-]?key|access[_-]?token|token|secret|password|authorization)"
+                           r"[\"']?\s*[:=]\s*[\"']?)(?:Bearer\s+|Basic\s+)?[^\s\"',}&#]+", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact(text: str, secrets: Sequence[str] = ()) -> str:
+    """``text`` with credentials removed: the user:password of URLs, the values of query parameters and
+    ``key: value`` fields whose names say they hold a key, token, secret or password, every value in
+    ``secrets`` and the Gemini keys of the environment. Used on every message and warning of this module,
+    including text quoted from a provider's error answer."""
+    text = str(text)
+    values = [v for v in secrets if v] + [os.environ.get(var, "").strip() for var in GEMINI_KEY_ENV]
+    for value in sorted({v for v in values if len(v) >= 4}, key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    text = _URL_USERINFO.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
+    text = _SECRET_PARAM.sub(lambda m: m.group("name") + "=" + REDACTED, text)
+    return _SECRET_FIELD.sub(lambda m: m.group("name") + REDACTED, text)
 
 
 class BackendError(RuntimeError):
-    """A VLM backend could not be used: server unreachable, timeout, HTTP error, missing SDK or key."""
+    """A VLM backend could not be used: server unreachable, timeout, HTTP error, missing SDK or key. The
+    message is redacted (``redact``) when the error is made, so no credential reaches a log or the UI."""
+
+    def __init__(self, message: str = "", secrets: Sequence[str] = ()):
+        super().__init__(redact(message, secrets))
+
+
+def _wait_for(work: Callable[[], object], cancel: cancelling.Cancel, on_cancel: Callable[[], None] | None = None,
+              what: str = "vlm request"):
+    """Run ``work()`` and return its result; with ``cancel``, in a worker thread while this thread checks
+    ``cancel`` every ``POLL_SECONDS``. When ``cancel`` raises, ``on_cancel()`` aborts the work in flight
+    (e.g. closes its socket) and the exception propagates at once; the worker ends on its own."""
+    if cancel is None:
+        return work()
+    cancel()
+    done: dict = {}
+
+    def run():
+        try:
+            done["value"] = work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            done["error"] = exc
+
+    worker = threading.Thread(target=run, name=f"harmonize {what}", daemon=True)
+    worker.start()
+    while True:
+        worker.join(POLL_SECONDS)
+        if not worker.is_alive():
+            break
+        try:
+            cancel()
+        except BaseException:
+            if on_cancel is not None:
+                on_cancel()
+            raise
+    if "error" in done:
+        raise done["error"]
+    return done["value"]
 
 
 # -------------------------------------------------------------------------------------------- prompt
@@ -135,11 +199,13 @@ def model_images(image: torch.Tensor, mask: torch.Tensor, mask_as: str, max_side
 
 # ------------------------------------------------------------------------------------------ backends
 class Backend:
-    """A source of answers: ``generate(prompt, images, temperature, seed) -> text``."""
+    """A source of answers: ``generate(prompt, images, temperature, seed) -> text``. ``cancel`` (set by
+    ``make_backend`` or the caller) is checked while a request is in flight, which it can abort."""
 
     name = "backend"
     mask_as = "overlay"  # how the mask is shown when the caller says "auto"
     asks_model = True  # False: asking again gives the same text (manual input)
+    cancel: cancelling.Cancel = None
 
     @property
     def label(self) -> str:
@@ -168,8 +234,68 @@ class ManualBackend(Backend):
 def _check_url(url: str) -> str:
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise InputError(f"server URL must look like http://host:port, got {url!r}")
+        raise InputError(redact(f"server URL must look like http://host:port, got {url!r}"))
+    try:
+        parsed.port
+    except ValueError:
+        raise InputError(redact(f"server URL {url!r} has an invalid port; expected http://host:port")) from None
     return url.rstrip("/")
+
+
+def _split_credentials(url: str) -> tuple[str, dict]:
+    """``url`` without its ``user:password@`` part, and the HTTP Basic ``Authorization`` header for it (a
+    server behind an authenticating proxy); no credentials: ``url`` and no header."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.username is None and parsed.password is None:
+        return url, {}
+    user = urllib.parse.unquote(parsed.username or "")
+    password = urllib.parse.unquote(parsed.password or "")
+    netloc = parsed.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parsed.port is not None:
+        netloc += f":{parsed.port}"
+    token = base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
+    return urllib.parse.urlunparse(parsed._replace(netloc=netloc)), {"Authorization": f"Basic {token}"}
+
+
+def _recording_opener(url: str, connections: list):
+    """A urllib opener (direct for a server on this machine, else with the environment's proxies) that
+    appends every HTTP(S) connection it opens to ``connections``, so a request in flight can be aborted by
+    closing its socket."""
+
+    class Http(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            def connect(host, **kw):
+                conn = http.client.HTTPConnection(host, **kw)
+                connections.append(conn)
+                return conn
+
+            return self.do_open(connect, req)
+
+    class Https(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            def connect(host, **kw):
+                conn = http.client.HTTPSConnection(host, **kw)
+                connections.append(conn)
+                return conn
+
+            return self.do_open(connect, req, context=self._context)
+
+    handlers = [Http, Https]
+    if _is_loopback(url):  # a server on this machine is reached directly, whatever proxy the environment names
+        handlers.insert(0, urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*handlers)
+
+
+def _abort(connections: list) -> None:
+    for conn in connections:
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            conn.close()
 
 
 def _is_loopback(url: str) -> bool:
@@ -200,11 +326,11 @@ class OllamaBackend(Backend):
 
     def __post_init__(self):
         self.model = self.model.strip() or OLLAMA_MODEL
-        self.url = _check_url(self.url.strip() or OLLAMA_URL)
+        self.url, self._headers = _split_credentials(_check_url(self.url.strip() or OLLAMA_URL))
 
     @property
     def label(self) -> str:
-        return f"Ollama model {self.model!r} at {self.url}"
+        return f"Ollama model {self.model!r} at {redact(self.url)}"
 
     def request_body(self, prompt: str, pictures: list[Image.Image], temperature: float, seed: int) -> dict:
         return {
@@ -217,14 +343,19 @@ class OllamaBackend(Backend):
 
     def generate(self, prompt, pictures, temperature, seed) -> str:
         body = json.dumps(self.request_body(prompt, pictures, temperature, seed)).encode("utf-8")
-        req = urllib.request.Request(f"{self.url}/api/chat", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
-        # a server on this machine is reached directly, whatever proxy the environment names
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if _is_loopback(self.url) \
-            else urllib.request.build_opener()
-        try:
+        parsed = urllib.parse.urlparse(self.url)  # keep a query string (a proxy's parameters) after the path
+        endpoint = urllib.parse.urlunparse(parsed._replace(path=parsed.path.rstrip("/") + "/api/chat"))
+        req = urllib.request.Request(endpoint, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **self._headers})
+        connections: list = []
+        opener = _recording_opener(self.url, connections)
+
+        def post() -> bytes:
             with opener.open(req, timeout=self.timeout) as resp:
-                payload = resp.read()
+                return resp.read()
+
+        try:
+            payload = _wait_for(post, self.cancel, lambda: _abort(connections), "Ollama request")
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode("utf-8", "replace")
             try:
@@ -232,15 +363,18 @@ class OllamaBackend(Backend):
             except (ValueError, AttributeError):
                 pass
             hint = f" Pull the model first: `ollama pull {self.model}`." if exc.code == 404 else ""
-            raise BackendError(f"{self.label} answered HTTP {exc.code}: {quote(str(detail), 300)}.{hint}") from None
+            raise BackendError(f"{self.label} answered HTTP {exc.code}: {quote(redact(str(detail)), 300)}.{hint}") from None
         except Exception as exc:  # noqa: BLE001 - network failures of every kind become one clear error
+            if not isinstance(exc, (urllib.error.URLError, OSError, http.client.HTTPException)):
+                raise
             if _is_timeout(exc):
                 raise BackendError(f"{self.label} gave no answer within {self.timeout:g} s. Is the server busy or "
                                    f"the model still loading? Raise the timeout or check the server.") from None
             if isinstance(exc, (urllib.error.URLError, OSError)):
                 reason = getattr(exc, "reason", exc)
-                raise BackendError(f"cannot reach Ollama at {self.url} ({reason}). Is `ollama serve` running there?") from None
-            raise
+                raise BackendError(f"cannot reach Ollama at {redact(self.url)} ({reason}). Is `ollama serve` running "
+                                   f"there?") from None
+            raise BackendError(f"{self.label}: the connection failed ({exc})") from None
         try:
             data = json.loads(payload.decode("utf-8"))
             content = data["message"]["content"]
@@ -248,7 +382,7 @@ class OllamaBackend(Backend):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             raise BackendError(f"{self.label} sent an answer that is not an Ollama chat reply: "
-                               f"{quote(payload.decode('utf-8', 'replace'), 300)}") from None
+                               f"{quote(redact(payload.decode('utf-8', 'replace')), 300)}") from None
         return content
 
 
@@ -280,7 +414,7 @@ class GeminiBackend(Backend):
 
     @property
     def label(self) -> str:
-        return f"Gemini model {self.model!r}" + (f" at {self.base_url}" if self.base_url else "")
+        return f"Gemini model {self.model!r}" + (f" at {redact(self.base_url)}" if self.base_url else "")
 
     def _sdk(self):
         try:
@@ -298,16 +432,18 @@ class GeminiBackend(Backend):
         client = genai.Client(api_key=key, vertexai=False, http_options=options)
         contents = [types.Part.from_bytes(data=png_bytes(p), mime_type="image/png") for p in pictures] + [prompt]
         config = types.GenerateContentConfig(temperature=float(temperature), seed=int(seed))
-        try:
-            resp = client.models.generate_content(model=self.model, contents=contents, config=config)
+        try:  # the SDK owns its connection: on cancel the call is left to end at its timeout in its thread
+            resp = _wait_for(lambda: client.models.generate_content(model=self.model, contents=contents, config=config),
+                             self.cancel, what="Gemini request")
         except genai.errors.APIError as exc:
-            raise BackendError(f"{self.label} answered HTTP {exc.code}: {quote(str(exc.message or exc), 300)}") from None
+            raise BackendError(f"{self.label} answered HTTP {exc.code}: {quote(str(exc.message or exc), 300)}",
+                               secrets=[key]) from None
         except Exception as exc:  # noqa: BLE001 - the SDK's HTTP client (httpx or httpx2) raises its own types
             kinds = {c.__name__ for c in type(exc).__mro__}
             if _is_timeout(exc) or any("Timeout" in k for k in kinds):
                 raise BackendError(f"{self.label} gave no answer within {self.timeout:g} s.") from None
             if isinstance(exc, OSError) or kinds & {"TransportError", "NetworkError", "ConnectError", "RequestError"}:
-                raise BackendError(f"cannot reach {self.label}: {exc}") from None
+                raise BackendError(f"cannot reach {self.label}: {exc}", secrets=[key]) from None
             raise
         text = resp.text
         if not text:
@@ -419,6 +555,18 @@ class TransformersBackend(Backend):
         if temperature > 0:
             options["temperature"] = float(temperature)
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        if self.cancel is not None:
+            from transformers import StoppingCriteria, StoppingCriteriaList
+
+            cancel = self.cancel
+
+            class CancelPoint(StoppingCriteria):  # checked after every generated token; raises to stop
+                def __call__(self, input_ids, scores, **kwargs):
+                    cancel()
+                    return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+            options["stopping_criteria"] = StoppingCriteriaList([CancelPoint()])
+        cancelling.check(self.cancel)
         with torch.random.fork_rng(devices=cuda), torch.inference_mode():
             torch.manual_seed(int(seed))
             out = model.generate(**inputs, **options)
@@ -429,10 +577,19 @@ class TransformersBackend(Backend):
 def make_backend(name: str, *, model: str = "", url: str = "", timeout: float = DEFAULT_TIMEOUT,
                  max_tokens: int = DEFAULT_MAX_TOKENS, local_model: str = "", roots: Sequence[str] = (),
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 place: Callable | None = None, text: str = "") -> Backend:
+                 place: Callable | None = None, text: str = "", cancel: cancelling.Cancel = None) -> Backend:
     """Backend ``name`` from node-style settings: ``model`` names the Ollama / Gemini model (empty: the
     default), ``url`` the Ollama server or a Gemini endpoint (empty: the default), ``local_model`` a folder
-    name found in ``roots`` (or a path) for transformers, ``text`` the manual answer."""
+    name found in ``roots`` (or a path) for transformers, ``text`` the manual answer. ``cancel`` is
+    checked while every request is in flight (see ``Backend``)."""
+    backend = _make_backend(name, model=model, url=url, timeout=timeout, max_tokens=max_tokens,
+                            local_model=local_model, roots=roots, device=device, dtype=dtype, place=place, text=text)
+    backend.cancel = cancel
+    return backend
+
+
+def _make_backend(name: str, *, model: str, url: str, timeout: float, max_tokens: int, local_model: str,
+                  roots: Sequence[str], device, dtype, place, text: str) -> Backend:
     if timeout <= 0:
         raise InputError(f"timeout must be positive seconds, got {timeout}")
     if name == "ollama":
@@ -483,6 +640,7 @@ def describe(backend: Backend, image: torch.Tensor, mask: torch.Tensor, k: int =
     calls = [0]
 
     def ask(n: int, exclude: Sequence[Description]) -> str:
+        cancelling.check(backend.cancel)
         call_seed = (int(seed) + calls[0]) % SEED_MODULUS
         calls[0] += 1
         return backend.generate(task_prompt(n, mode, exclude), pictures, float(temperature), call_seed)
