@@ -1,8 +1,14 @@
 """Reading and writing image files as ComfyUI-style tensors: the one reader of the command line, the
-iHarmony4 benchmark, the training data and the benchmarks, so a file reads the same everywhere."""
+iHarmony4 benchmark, the training data and the benchmarks, so a file reads the same everywhere.
+
+Bit depths: 8-bit files are divided by 255; 16-bit files (grey PNG/TIFF, Pillow modes ``I;16*``, and
+``I`` as PNG gives 16-bit grey) by 65535, never clipped; float files (mode ``F``) are taken as they are
+when they lie in 0..1, and a float file holding 0..255 or 0..65535 values is scaled by 1/255 or
+1/65535 with a warning. 16-bit RGB files are read by Pillow as 8-bit RGB (scaled, not clipped)."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +31,37 @@ def _open(path: str | os.PathLike, what: str) -> Image.Image:
         raise InputError(f"cannot read {what} {path}: {exc}") from exc
 
 
+HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def _single_channel(img: Image.Image, path, what: str) -> np.ndarray:
+    """A 16-bit or float single-channel image as ``[H,W]`` float32 0..1 (see the module docstring)."""
+    arr = np.asarray(img).astype(np.float32)
+    if img.mode != "F":
+        return np.clip(arr / 65535.0, 0.0, 1.0)
+    if not np.isfinite(arr).all():
+        raise InputError(f"{what} {path} holds NaN or infinite values; expected finite values in 0..1")
+    top, low = float(arr.max()), float(arr.min())
+    if low < 0.0:
+        raise InputError(f"{what} {path} is a float image with negative values (min {low:g}); expected 0..1")
+    if top <= 1.0:
+        return arr
+    for scale in (255.0, 65535.0):
+        if top <= scale:
+            warnings.warn(f"{what} {path} is a float image with values up to {top:g}; read as 0..{scale:g} and "
+                          f"divided by {scale:g}")
+            return arr / scale
+    raise InputError(f"{what} {path} is a float image with values up to {top:g}; expected 0..1 (or 0..255, 0..65535)")
+
+
 def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as ``[H,W,3]`` float32 0..1: EXIF orientation applied, alpha dropped, grey expanded."""
-    img = _open(path, "image").convert("RGB")
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+    """An image file as ``[H,W,3]`` float32 0..1: EXIF orientation applied, alpha dropped, grey expanded,
+    16-bit and float files scaled (see the module docstring)."""
+    img = _open(path, "image")
+    if img.mode in HIGH_DEPTH_MODES:
+        grey = _single_channel(img, path, "image")
+        return torch.from_numpy(np.repeat(grey[..., None], 3, axis=-1))
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)
 
 
 def read_mask(path: str | os.PathLike) -> torch.Tensor:
@@ -38,6 +71,8 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
     (a cut-out saved with transparency); otherwise the luminance. EXIF orientation is applied as for images.
     """
     img = _open(path, "mask")
+    if img.mode in HIGH_DEPTH_MODES:
+        return torch.from_numpy(_single_channel(img, path, "mask"))
     if "A" in img.getbands():
         alpha = np.asarray(img.getchannel("A"), dtype=np.float32)
         if alpha.min() < 255:
