@@ -21,6 +21,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from comfyui_harmonize.nodes import color as C  # noqa: E402
 from comfyui_harmonize.nodes import diffharmony as N  # noqa: E402
 from comfyui_harmonize.pipelines.diffharmony import pipeline as dh  # noqa: E402
 from comfyui_harmonize.pipelines.sd.loading import SDComponents  # noqa: E402
@@ -80,7 +81,7 @@ def node_chain(sd, image, mask, seed, steps, res):
     (lm,) = N.HarmonizeMaskToLatent().downsample(mask, lat)
     (out,) = N.HarmonizeDiffHarmonySampler().sample(sd, lat, lm, seed, steps, "euler_ancestral", 1.0)
     (dec,) = N.HarmonizeDiffHarmonyDecode().decode(sd, out)
-    return N.HarmonizeRestore().restore(dec, image, mask, 0, "resample")[0]
+    return C.HarmonizeRestore().restore(dec, image, mask, 0, "resample")[0]
 
 
 def timed(fn, device):

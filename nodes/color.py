@@ -1,4 +1,5 @@
-"""Full-resolution color transfer and 3D LUT nodes (thin adapters over pipelines/color/restore.py and lut.py)."""
+"""Colour nodes: restore to the input size, full-resolution colour transfer and 3D LUTs (thin adapters over
+pipelines/color/restore.py, transfer.py and lut.py)."""
 from __future__ import annotations
 
 import os
@@ -6,13 +7,12 @@ import os
 from . import host
 from ..pipelines.color import lut as lut_pipeline
 from ..pipelines.color import restore as restore_pipeline
+from .widgets import DETAIL, FEATHER, LUT_SIZE
+from .widgets import LUT as LUT_TYPE  # pipelines.color.lut.Lut3D: no ComfyUI type holds a 3D LUT
 
 CATEGORY = "harmonize/color"
-LUT_TYPE = "HARMONY_LUT"  # pipelines.lut.Lut3D: no ComfyUI type holds a 3D LUT
-SIZE_CHOICES = [str(s) for s in lut_pipeline.LUT_SIZES]
-
-_SIZE_TIP = ("Nodes per axis of the 3D LUT: 17 (small, coarse), 33 (the usual editing size) or 65 (finest). "
-             "Larger takes longer to fit.")
+ALIASES = ("harmonize", "harmonization", "color match", "colour match", "color grading", "composite")
+LUT_ALIASES = ALIASES + ("lut", "3d lut", "cube", ".cube", "color lookup table")
 _SMOOTH_TIP = ("How strongly colors the foreground does not contain are filled smoothly from the fitted ones "
                "(they tend to the global affine color change far from any data). Larger = smoother LUT, "
                "looser fit.")
@@ -23,6 +23,31 @@ def _relative_to_output(path: str) -> str:
         return os.path.relpath(path, host.output_directory())
     except ValueError:  # another drive on Windows
         return path
+
+
+class HarmonizeRestore:
+    DESCRIPTION = ("Brings a harmonized result back to the composite's own size and pastes it inside the mask; "
+                   "outside the mask the composite is kept bit for bit. detail 'transfer' applies the result's "
+                   "colour change to the full-resolution composite instead of upscaling it.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The composite at its own size with the harmonized result inside the mask.",)
+    SEARCH_ALIASES = ALIASES + ("restore", "paste", "upscale", "paste back", "blend")
+    FUNCTION = "restore"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "harmonized": ("IMAGE", {"tooltip": "Harmonized image at any size (working or refinement size)."}),
+            "composite": ("IMAGE", {"tooltip": "The original composite, at the size of the output."}),
+            "mask": ("MASK", {"tooltip": "Foreground mask."}),
+            "feather": FEATHER, "detail": DETAIL,
+        }}
+
+    def restore(self, harmonized, composite, mask, feather, detail):
+        return (restore_pipeline.restore(harmonized, composite, mask, feather=feather, detail=detail,
+                                         cancel=host.check_interrupt),)
 
 
 class HarmonizeColorTransfer:
@@ -37,6 +62,7 @@ class HarmonizeColorTransfer:
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
     OUTPUT_TOOLTIPS = ("The composite at its own size with the harmonized colors inside the mask.",)
+    SEARCH_ALIASES = ALIASES + ("color transfer", "detail transfer", "full resolution", "upscale", "relight")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -45,8 +71,7 @@ class HarmonizeColorTransfer:
             "harmonized": ("IMAGE", {"tooltip": "The harmonized result at its working resolution (any size "
                                                 "or aspect), e.g. from DiffHarmony or the zero-shot node."}),
             "mask": ("MASK", {"tooltip": "Foreground mask at the composite's size (white = harmonized object)."}),
-            "feather": ("INT", {"default": 0, "min": 0, "max": 256, "step": 1,
-                                "tooltip": "Soften the mask edge inwards by this many pixels when pasting."}),
+            "feather": FEATHER,
         }}
 
     def run(self, composite, harmonized, mask, feather=0):
@@ -65,6 +90,7 @@ class HarmonizeFitLUT:
     RETURN_TYPES = (LUT_TYPE, "IMAGE")
     RETURN_NAMES = ("lut", "preview")
     OUTPUT_TOOLTIPS = ("The fitted 3D LUT.", "The composite with the LUT applied inside the mask.")
+    SEARCH_ALIASES = LUT_ALIASES + ("fit lut",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -73,7 +99,7 @@ class HarmonizeFitLUT:
             "harmonized": ("IMAGE", {"tooltip": "The harmonized result (any size; the composite and mask are "
                                                 "resized to it); its foreground colors are the LUT's output."}),
             "mask": ("MASK", {"tooltip": "Foreground mask at the composite's size: only these pixels are fitted."}),
-            "size": (SIZE_CHOICES, {"default": str(lut_pipeline.DEFAULT_SIZE), "tooltip": _SIZE_TIP}),
+            "size": LUT_SIZE,
             "smoothness": ("FLOAT", {"default": lut_pipeline.DEFAULT_SMOOTHNESS, "min": 1e-5, "max": 1.0,
                                      "step": 1e-5, "tooltip": _SMOOTH_TIP}),
         }}
@@ -92,14 +118,14 @@ class HarmonizeApplyLUT:
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
     OUTPUT_TOOLTIPS = ("The image with the LUT applied.",)
+    SEARCH_ALIASES = LUT_ALIASES + ("apply lut",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "image": ("IMAGE", {"tooltip": "Image to recolor (any size and batch)."}),
             "lut": (LUT_TYPE, {"tooltip": "A LUT from 'Fit LUT'."}),
-            "feather": ("INT", {"default": 0, "min": 0, "max": 256, "step": 1,
-                                "tooltip": "With a mask: soften its edge inwards by this many pixels."}),
+            "feather": FEATHER,
         }, "optional": {
             "mask": ("MASK", {"tooltip": "Optional: apply only inside this mask (white)."}),
         }}
@@ -118,6 +144,7 @@ class HarmonizeSaveLUT:
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("file",)
     OUTPUT_TOOLTIPS = ("The written file, relative to the output folder.",)
+    SEARCH_ALIASES = LUT_ALIASES + ("save lut", "export lut")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -144,13 +171,14 @@ class HarmonizeLUTSequence:
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("files",)
     OUTPUT_TOOLTIPS = ("The written files, one per line, relative to the output folder.",)
+    SEARCH_ALIASES = LUT_ALIASES + ("lut sequence", "iterations", "export lut")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "images": ("IMAGE", {"tooltip": "Per-iteration images as one batch, in iteration order (at least 2)."}),
             "mask": ("MASK", {"tooltip": "Foreground mask: one for all images, or one per image."}),
-            "size": (SIZE_CHOICES, {"default": str(lut_pipeline.DEFAULT_SIZE), "tooltip": _SIZE_TIP}),
+            "size": LUT_SIZE,
             "filename_prefix": ("STRING", {"default": "harmonize/steps",
                                            "tooltip": "Name prefix inside the output folder; files are "
                                                       "<prefix>_000-001.cube, <prefix>_001-002.cube, ..."}),
@@ -164,6 +192,7 @@ class HarmonizeLUTSequence:
 
 
 NODE_CLASS_MAPPINGS = {
+    "HarmonizeRestore": HarmonizeRestore,
     "HarmonizeColorTransfer": HarmonizeColorTransfer,
     "HarmonizeFitLUT": HarmonizeFitLUT,
     "HarmonizeApplyLUT": HarmonizeApplyLUT,
@@ -171,6 +200,7 @@ NODE_CLASS_MAPPINGS = {
     "HarmonizeLUTSequence": HarmonizeLUTSequence,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
+    "HarmonizeRestore": "Harmonize: Restore To Input Size",
     "HarmonizeColorTransfer": "Harmonize: Color Transfer (full resolution)",
     "HarmonizeFitLUT": "Harmonize: Fit 3D LUT",
     "HarmonizeApplyLUT": "Harmonize: Apply 3D LUT",

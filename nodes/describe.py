@@ -4,8 +4,10 @@ from __future__ import annotations
 from ..pipelines.describe import descriptions as ds
 from ..pipelines.describe import vlm
 from . import host
+from .widgets import DESCRIPTIONS, SEED
 
 CATEGORY = "harmonize/zero-shot"
+ALIASES = ("harmonize", "harmonization", "zero-shot", "describe", "description", "prompt", "caption")
 NO_LOCAL_MODEL = "none"
 LLM_FOLDER = "LLM"
 
@@ -23,10 +25,11 @@ class HarmonizeDescription:
                    "'OBJECT & (foreground) W W & (background) W W' in the text box; each line is a candidate. "
                    "Words outside the paper's vocabulary are left out unless vocabulary_only is off.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("HARMONY_DESCRIPTIONS", "STRING")
+    RETURN_TYPES = (DESCRIPTIONS, "STRING")
     RETURN_NAMES = ("descriptions", "text")
     OUTPUT_TOOLTIPS = OUT_TIPS + ("The candidates in the paper's one-line format, and the words left out (for "
                                   "display).",)
+    SEARCH_ALIASES = ALIASES + ("text", "manual", "conditions", "vocabulary")
     FUNCTION = "build"
 
     @classmethod
@@ -61,11 +64,13 @@ class HarmonizeDescribe:
                    "model folder in models/LLM), gemini (Google's API; key from the GEMINI_API_KEY environment "
                    "variable), manual (the manual_text box). Answers that cannot be read are asked again; the "
                    "iterative harmonizer can ask the model again for a new description. Describes the first "
-                   "composite of a batch.")
+                   "composite of a batch. The seed makes answers repeatable with backends that honour seeds; each "
+                   "new request uses the next seed.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("HARMONY_DESCRIPTIONS", "STRING")
+    RETURN_TYPES = (DESCRIPTIONS, "STRING")
     RETURN_NAMES = ("descriptions", "raw_answer")
     OUTPUT_TOOLTIPS = OUT_TIPS + ("The model's answer(s) as written.",)
+    SEARCH_ALIASES = ALIASES + ("vlm", "vision language model", "llm", "ollama", "gemini", "qwen", "llava")
     FUNCTION = "describe"
 
     @classmethod
@@ -87,8 +92,7 @@ class HarmonizeDescribe:
                       "candidate descriptions (the paper uses 3; the harmonizer keeps the best). manual: every line counts."}),
                 "temperature": ("FLOAT", {"default": vlm.DEFAULT_TEMPERATURE, "min": 0.0, "max": 2.0, "step": 0.05,
                                 "tooltip": "Sampling temperature of the model (the paper: 0.3); 0 = greedy."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed of the model's "
-                         "sampling; each new request uses the next seed."}),
+                "seed": SEED,
                 "retries": ("INT", {"default": vlm.DEFAULT_RETRIES, "min": 0, "max": 20, "tooltip": "How many times "
                             "to ask again when an answer cannot be read or gives fewer than k descriptions."}),
                 "mask_as": (list(vlm.MASK_MODES), {"default": "auto", "tooltip": "How the model sees the mask: "

@@ -6,27 +6,13 @@ import torch
 from ..pipelines.diffharmony import pipeline as dh
 from ..pipelines.sd import loading
 from ..pipelines.diffharmony import refiner as rf
-from ..pipelines.color.restore import DETAIL_MODES, restore
 from . import host
+from .widgets import (DETAIL, DIFFHARMONY_GUIDANCE, DIFFHARMONY_MODEL, DIFFHARMONY_RESOLUTION, DIFFHARMONY_STEPS,
+                      DTYPE, FEATHER, FIT, FITS, REFINE_RESOLUTION, REFINER, SCHEDULER, SEED)
 
 CATEGORY = "harmonize/DiffHarmony"
-FITS = ("keep aspect", "square (official)")
+ALIASES = ("harmonize", "harmonization", "diffharmony", "color match", "relight", "composite", "blend")
 MODEL_FOLDERS = ("diffharmony", "diffusers", "checkpoints")
-
-SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                "tooltip": "Random seed; the same seed and inputs give the same result."})
-RESOLUTION = ("INT", {"default": dh.DEFAULT_RESOLUTION, "min": 256, "max": 4096, "step": 64,
-                      "tooltip": "Working resolution (long side) of the diffusion stage. The paper's best results "
-                                 "are at 1024."})
-FIT = (list(FITS), {"default": FITS[0], "tooltip": "keep aspect: long side = resolution, aspect ratio kept. "
-                                                  "square (official): resize to resolution x resolution as the "
-                                                  "official code does."})
-FEATHER = ("INT", {"default": 0, "min": 0, "max": 256, "tooltip": "Soften the mask edge inwards by this many "
-                                                                 "pixels; the background stays untouched."})
-DETAIL = (list(DETAIL_MODES), {"default": "resample", "tooltip": "resample: upscale the harmonized image. "
-                                                                 "transfer: apply its color change to the "
-                                                                 "full-resolution composite, keeping its detail."})
-
 
 def _model_choices() -> dict[str, object]:
     return host.sd_model_choices(MODEL_FOLDERS)
@@ -50,16 +36,18 @@ class HarmonizeDiffHarmonyLoader:
                    "inpainting folder, or a single-file inpainting .safetensors. Searches models/diffharmony, "
                    "models/diffusers and models/checkpoints.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("HARMONY_MODEL",)
+    RETURN_TYPES = (DIFFHARMONY_MODEL,)
     RETURN_NAMES = ("model",)
     FUNCTION = "load"
+    OUTPUT_TOOLTIPS = ("The DiffHarmony model (UNet, VAE, text encoder), for the DiffHarmony nodes.",)
+    SEARCH_ALIASES = ALIASES + ("loader", "inpainting model", "checkpoint")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": (sorted(_model_choices()), {"tooltip": "DiffHarmony archive folder, diffusers folder or "
                                                             ".safetensors inpainting checkpoint."}),
-            "dtype": (list(host.DTYPES), {"default": "auto", "tooltip": "auto: fp16/bf16 on CUDA, fp32 on CPU."}),
+            "dtype": DTYPE,
         }}
 
     def load(self, model, dtype):
@@ -73,14 +61,16 @@ class HarmonizeDiffHarmonyEncode:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("composite_latent",)
+    OUTPUT_TOOLTIPS = ("The composite's latent at the working size: the condition of the sampler.",)
+    SEARCH_ALIASES = ALIASES + ("vae encode", "encode")
     FUNCTION = "encode"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("HARMONY_MODEL", {"tooltip": "From the DiffHarmony loader."}),
+            "model": (DIFFHARMONY_MODEL, {"tooltip": "From the DiffHarmony loader."}),
             "composite": ("IMAGE", {"tooltip": "The composite image (foreground pasted on the background)."}),
-            "resolution": RESOLUTION, "fit": FIT, "seed": SEED,
+            "resolution": DIFFHARMONY_RESOLUTION, "fit": FIT, "seed": SEED,
         }}
 
     def encode(self, model, composite, resolution, fit, seed):
@@ -94,6 +84,8 @@ class HarmonizeMaskToLatent:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MASK",)
     RETURN_NAMES = ("latent_mask",)
+    OUTPUT_TOOLTIPS = ("The mask at the latent's size, 0 or 1.",)
+    SEARCH_ALIASES = ALIASES + ("mask", "downsample mask", "latent mask")
     FUNCTION = "downsample"
 
     @classmethod
@@ -114,21 +106,17 @@ class HarmonizeDiffHarmonySampler:
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     FUNCTION = "sample"
+    OUTPUT_TOOLTIPS = ("The harmonized latent (unscaled, as ComfyUI's LATENT).",)
+    SEARCH_ALIASES = ALIASES + ("sampler", "ksampler", "euler ancestral", "denoise")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("HARMONY_MODEL", {"tooltip": "From the DiffHarmony loader."}),
+            "model": (DIFFHARMONY_MODEL, {"tooltip": "From the DiffHarmony loader."}),
             "composite_latent": ("LATENT", {"tooltip": "From Harmonize: DiffHarmony Encode."}),
             "latent_mask": ("MASK", {"tooltip": "From Harmonize: Mask To Latent."}),
             "seed": SEED,
-            "steps": ("INT", {"default": dh.DEFAULT_STEPS, "min": 1, "max": 200, "tooltip": "Sampling steps "
-                                                                                           "(paper: 5)."}),
-            "scheduler": (list(dh.SCHEDULERS), {"default": "euler_ancestral", "tooltip": "Sampler (paper: "
-                                                                                          "Euler ancestral)."}),
-            "guidance": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1,
-                                   "tooltip": "Classifier-free guidance (paper: 1.0 = off). Only has an effect "
-                                              "when the prompt is not empty."}),
+            "steps": DIFFHARMONY_STEPS, "scheduler": SCHEDULER, "guidance": DIFFHARMONY_GUIDANCE,
         }, "optional": {
             "prompt": ("STRING", {"default": "", "multiline": False, "tooltip": "Text condition (paper: empty)."}),
         }}
@@ -146,11 +134,13 @@ class HarmonizeDiffHarmonyDecode:
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("harmonized",)
     FUNCTION = "decode"
+    OUTPUT_TOOLTIPS = ("The harmonized image at the working size.",)
+    SEARCH_ALIASES = ALIASES + ("vae decode", "decode")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("HARMONY_MODEL", {"tooltip": "From the DiffHarmony loader."}),
+            "model": (DIFFHARMONY_MODEL, {"tooltip": "From the DiffHarmony loader."}),
             "latent": ("LATENT", {"tooltip": "From Harmonize: DiffHarmony Sampler."}),
         }}
 
@@ -161,8 +151,10 @@ class HarmonizeDiffHarmonyDecode:
 class HarmonizeRefinerLoader:
     DESCRIPTION = "Loads DiffHarmony's refinement UNet (the archive's refinement/ folder) from models/diffharmony."
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("HARMONY_REFINER",)
+    RETURN_TYPES = (REFINER,)
     RETURN_NAMES = ("refiner",)
+    OUTPUT_TOOLTIPS = ("The refinement UNet, for Harmonize: Refine or the all-in-one node.",)
+    SEARCH_ALIASES = ALIASES + ("refiner", "refinement", "loader")
     FUNCTION = "load"
 
     @classmethod
@@ -170,7 +162,7 @@ class HarmonizeRefinerLoader:
         return {"required": {
             "refiner": (sorted(_refiner_choices()), {"tooltip": "A refinement/ folder (config.json + "
                                                                 "diffusion_pytorch_model.safetensors)."}),
-            "dtype": (list(host.DTYPES), {"default": "auto", "tooltip": "auto: fp16/bf16 on CUDA, fp32 on CPU."}),
+            "dtype": DTYPE,
         }}
 
     def load(self, refiner, dtype):
@@ -184,17 +176,18 @@ class HarmonizeRefine:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("refined",)
+    OUTPUT_TOOLTIPS = ("The refined image at the refinement resolution.",)
+    SEARCH_ALIASES = ALIASES + ("refine", "refinement", "sharpen")
     FUNCTION = "refine"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "refiner": ("HARMONY_REFINER", {"tooltip": "From Harmonize: Refiner Loader."}),
+            "refiner": (REFINER, {"tooltip": "From Harmonize: Refiner Loader."}),
             "harmonized": ("IMAGE", {"tooltip": "The decoded DiffHarmony result."}),
             "composite": ("IMAGE", {"tooltip": "The original composite."}),
             "mask": ("MASK", {"tooltip": "Foreground mask."}),
-            "resolution": ("INT", {"default": 256, "min": 64, "max": 4096, "step": 16,
-                                   "tooltip": "Refinement resolution (long side, multiple of 16; paper: 256)."}),
+            "resolution": REFINE_RESOLUTION,
             "fit": FIT,
         }}
 
@@ -204,27 +197,6 @@ class HarmonizeRefine:
                           cancel=host.check_interrupt),)
 
 
-class HarmonizeRestore:
-    DESCRIPTION = ("Brings a harmonized result back to the composite's own size and pastes it inside the mask; "
-                   "outside the mask the composite is kept bit for bit.")
-    CATEGORY = "harmonize"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("image",)
-    FUNCTION = "restore"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "harmonized": ("IMAGE", {"tooltip": "Harmonized image at any size (working or refinement size)."}),
-            "composite": ("IMAGE", {"tooltip": "The original composite, at the size of the output."}),
-            "mask": ("MASK", {"tooltip": "Foreground mask."}),
-            "feather": FEATHER, "detail": DETAIL,
-        }}
-
-    def restore(self, harmonized, composite, mask, feather, detail):
-        return (restore(harmonized, composite, mask, feather=feather, detail=detail, cancel=host.check_interrupt),)
-
-
 class HarmonizeDiffHarmony:
     DESCRIPTION = ("DiffHarmony in one node: encode, sample, decode, optional refinement, and paste back at the "
                    "composite's size. Same result as the stage nodes for the same settings.")
@@ -232,20 +204,20 @@ class HarmonizeDiffHarmony:
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
     FUNCTION = "harmonize"
+    OUTPUT_TOOLTIPS = ("The harmonized composite at its own size; outside the mask the composite bit for bit.",)
+    SEARCH_ALIASES = ALIASES + ("all-in-one", "harmonizer", "image harmonization")
 
     @classmethod
     def INPUT_TYPES(cls):
-        stage = HarmonizeDiffHarmonySampler.INPUT_TYPES()["required"]
         return {"required": {
-            "model": ("HARMONY_MODEL", {"tooltip": "From the DiffHarmony loader."}),
+            "model": (DIFFHARMONY_MODEL, {"tooltip": "From the DiffHarmony loader."}),
             "composite": ("IMAGE", {"tooltip": "The composite image."}),
             "mask": ("MASK", {"tooltip": "Foreground mask (white = the pasted object)."}),
-            "seed": SEED, "steps": stage["steps"], "scheduler": stage["scheduler"], "guidance": stage["guidance"],
-            "resolution": RESOLUTION, "fit": FIT,
-            "refine_resolution": HarmonizeRefine.INPUT_TYPES()["required"]["resolution"],
+            "seed": SEED, "steps": DIFFHARMONY_STEPS, "scheduler": SCHEDULER, "guidance": DIFFHARMONY_GUIDANCE,
+            "resolution": DIFFHARMONY_RESOLUTION, "fit": FIT, "refine_resolution": REFINE_RESOLUTION,
             "feather": FEATHER, "detail": DETAIL,
         }, "optional": {
-            "refiner": ("HARMONY_REFINER", {"tooltip": "Optional refinement model (recommended)."}),
+            "refiner": (REFINER, {"tooltip": "Optional refinement model (recommended)."}),
         }}
 
     def harmonize(self, model, composite, mask, seed, steps, scheduler, guidance, resolution, fit,
@@ -262,7 +234,7 @@ class HarmonizeDiffHarmony:
 
 NODE_CLASS_MAPPINGS = {c.__name__: c for c in (
     HarmonizeDiffHarmonyLoader, HarmonizeDiffHarmonyEncode, HarmonizeMaskToLatent, HarmonizeDiffHarmonySampler,
-    HarmonizeDiffHarmonyDecode, HarmonizeRefinerLoader, HarmonizeRefine, HarmonizeRestore, HarmonizeDiffHarmony)}
+    HarmonizeDiffHarmonyDecode, HarmonizeRefinerLoader, HarmonizeRefine, HarmonizeDiffHarmony)}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "HarmonizeDiffHarmonyLoader": "Harmonize: DiffHarmony Loader",
     "HarmonizeDiffHarmonyEncode": "Harmonize: DiffHarmony Encode",
@@ -271,6 +243,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "HarmonizeDiffHarmonyDecode": "Harmonize: DiffHarmony Decode",
     "HarmonizeRefinerLoader": "Harmonize: Refiner Loader",
     "HarmonizeRefine": "Harmonize: Refine",
-    "HarmonizeRestore": "Harmonize: Restore To Input Size",
     "HarmonizeDiffHarmony": "Harmonize: DiffHarmony (all-in-one)",
 }

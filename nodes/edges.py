@@ -4,8 +4,10 @@ from __future__ import annotations
 from ..pipelines.edges import loss as edges, pidinet
 from ..pipelines.core.errors import InputError
 from . import host
+from .widgets import EDGE_RESOLUTION, PIDINET
 
 CATEGORY = "harmonize/zero-shot"
+ALIASES = ("harmonize", "harmonization", "zero-shot", "edges", "edge detection", "pidinet", "sobel", "lineart")
 
 
 class HarmonizePiDiNetLoader:
@@ -22,9 +24,10 @@ class HarmonizePiDiNetLoader:
         return {"required": {"pidinet_name": (names, {
             "tooltip": "PiDiNet checkpoint in models/pidinet (e.g. table5_pidinet.pth, table5_pidinet-tiny.pth)."})}}
 
-    RETURN_TYPES = ("PIDINET",)
+    RETURN_TYPES = (PIDINET,)
     RETURN_NAMES = ("pidinet",)
     OUTPUT_TOOLTIPS = ("The PiDiNet edge detector, for the zero-shot nodes' edge constraint and the edge-map preview.",)
+    SEARCH_ALIASES = ALIASES + ("loader", "edge model")
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
@@ -48,23 +51,21 @@ class HarmonizeEdgeMap:
                 "method": (["sobel", "pidinet"], {
                     "tooltip": "sobel: Sobel magnitude per RGB channel. pidinet: PiDiNet edge probability "
                                "(needs the pidinet input)."}),
-                "resolution": ("INT", {
-                    "default": 512, "min": 0, "max": 4096, "step": 8,
-                    "tooltip": "Long side of the working size the maps are computed at (the zero-shot "
-                               "default is 512); 0 keeps the image's own size."}),
+                "resolution": EDGE_RESOLUTION,
                 "normalize": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "Scale each map so its brightest edge is white (for viewing; the constraint "
                                "uses the raw values)."}),
             },
             "optional": {
-                "pidinet": ("PIDINET", {"tooltip": "A PiDiNet from 'Harmonize: Load PiDiNet' (method pidinet)."}),
+                "pidinet": (PIDINET, {"tooltip": "A PiDiNet from 'Harmonize: Load PiDiNet' (method pidinet)."}),
             },
         }
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("edges",)
     OUTPUT_TOOLTIPS = ("Edge map(s) at the working resolution, values as the constraint sees them.",)
+    SEARCH_ALIASES = ALIASES + ("edge map", "edge preview", "edge constraint")
     FUNCTION = "run"
     CATEGORY = CATEGORY
 

@@ -1,6 +1,5 @@
 """Zero-shot harmonization (Chen et al.) as ComfyUI nodes: model loader, settings, DDIM inversion,
-text-embedding refinement, edge-constrained Prompt-to-Prompt edit, the iterative loop, and the
-training-free harmony score."""
+text-embedding refinement, edge-constrained Prompt-to-Prompt edit and the iterative loop."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -11,46 +10,23 @@ from ..pipelines.sd import loading
 from ..pipelines.zero_shot import passes as zs
 from ..pipelines.zero_shot import loop as zl
 from ..pipelines.core.errors import InputError
-from ..pipelines.color.restore import DETAIL_MODES
 from ..pipelines.zero_shot.model import WorkCounter, ZeroShotModel
 from . import host
+from .widgets import (DESCRIPTIONS, DETAIL, DTYPE, EVALUATOR, FEATHER, INVERSION, PAINTERLY, PIDINET, PRESET,
+                      SEED, T2I_MODEL, ZERO_SHOT_GUIDANCE, ZERO_SHOT_RESOLUTION, ZERO_SHOT_STEPS, ZS_EMBEDDINGS,
+                      ZS_SETTINGS)
 
 CATEGORY = "harmonize/zero-shot"
+ALIASES = ("harmonize", "harmonization", "zero-shot", "zero shot", "relight", "composite", "blend", "color match",
+           "stable diffusion")
 MODEL_FOLDERS = ("diffusers", "checkpoints")
-PRESETS = list(zs.PRESETS)
 PAPER = zs.PRESETS["paper"]
 
-MODEL_TYPE = "HARMONY_T2I_MODEL"
-SETTINGS_TYPE = "HARMONY_ZS_SETTINGS"
-INVERSION_TYPE = "HARMONY_INVERSION"
-EMBEDDINGS_TYPE = "HARMONY_ZS_EMBEDDINGS"
-
-MODEL_IN = (MODEL_TYPE, {"tooltip": "Text-to-image Stable Diffusion model from 'Harmonize: Load Text-to-Image Model'."})
-PRESET = (PRESETS, {"default": "paper", "tooltip": "paper: the paper's settings (50 DDIM steps, guidance 2.5, 10 "
-                                                   "iterations, refinement lr 1e-3 x2 per step with w 5000, "
-                                                   "null-text lr 0.1 with step//10+1 iterations, edge loss). fast: "
-                                                   "20 steps, one optimiser step per timestep, 3 iterations. draft: "
-                                                   "10 steps, one iteration, no edge loss. Ignored when a settings "
-                                                   "input is connected."})
-SETTINGS_IN = (SETTINGS_TYPE, {"tooltip": "Optional: every setting, from 'Harmonize: Zero-shot Settings'. "
-                                          "Replaces the preset (this node's own widgets still apply)."})
-SEED = ("INT", {"default": PAPER.seed, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                "tooltip": "Seed of the VAE's latent sample (the paper's code: 8888). Same seed and inputs give the "
-                           "same result."})
-RESOLUTION = ("INT", {"default": PAPER.resolution, "min": 64, "max": 4096, "step": 64,
-                      "tooltip": "Long side of the working size; the aspect ratio is kept and the result is pasted "
-                                 "back at the composite's own size (paper: 512, square)."})
-PAINTERLY = ("BOOLEAN", {"default": False, "tooltip": "For paintings and artwork (the authors' advice): no edge loss, "
-                                                      "and no self-attention injection in the first 30% of the "
-                                                      "steps, so the style can change more."})
-FEATHER = ("INT", {"default": 0, "min": 0, "max": 256, "tooltip": "Soften the mask edge inwards by this many pixels "
-                                                                 "when pasting; the background stays untouched."})
-DETAIL = (list(DETAIL_MODES), {"default": "resample", "tooltip": "resample: upscale the working-size result into "
-                                                                 "the composite. transfer: apply its colour change "
-                                                                 "to the full-resolution composite, keeping its "
-                                                                 "detail."})
-PIDINET_IN = ("PIDINET", {"tooltip": "Optional PiDiNet ('Harmonize: Load PiDiNet') for the learned edge term of the "
-                                     "edge constraint (weight 0.1); without it only the Sobel term is used."})
+MODEL_IN = (T2I_MODEL, {"tooltip": "Text-to-image Stable Diffusion model from 'Harmonize: Load Text-to-Image Model'."})
+SETTINGS_IN = (ZS_SETTINGS, {"tooltip": "Optional: every setting, from 'Harmonize: Zero-shot Settings'. "
+                                        "Replaces the preset (this node's own widgets still apply)."})
+PIDINET_IN = (PIDINET, {"tooltip": "Optional PiDiNet ('Harmonize: Load PiDiNet') for the learned edge term of the "
+                                   "edge constraint (weight 0.1); without it only the Sobel term is used."})
 WORK_TIP = "Work done: forward/backward passes through the UNet, VAE, text encoder and PiDiNet."
 
 
@@ -91,9 +67,10 @@ class HarmonizeZeroShotLoader:
                    "comes from the model folder or ComfyUI's own tokenizer files). Nothing is downloaded. Sampling "
                    "uses DDIM built from the model's scheduler config.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_TYPES = (T2I_MODEL,)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The model, for the zero-shot nodes.",)
+    SEARCH_ALIASES = ALIASES + ("loader", "text-to-image model", "checkpoint", "sd 2", "sd 1.5")
     FUNCTION = "load"
 
     @classmethod
@@ -102,8 +79,7 @@ class HarmonizeZeroShotLoader:
             "model": (sorted(_model_choices()), {"tooltip": "Text-to-image SD 2-base / SD 1.x: a diffusers folder "
                                                             "(models/diffusers) or a .safetensors checkpoint "
                                                             "(models/checkpoints)."}),
-            "dtype": (list(host.DTYPES), {"default": "auto", "tooltip": "auto: fp16 (bf16 where ComfyUI prefers it) on "
-                                                                   "CUDA, fp32 on the CPU."}),
+            "dtype": DTYPE,
         }}
 
     def load(self, model, dtype):
@@ -116,18 +92,18 @@ class HarmonizeZeroShotSettings:
     DESCRIPTION = ("Every setting of the zero-shot harmonization, starting from the paper's values. Connect it to "
                    "the inversion, refinement, edit or iterative node to replace their preset.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = (SETTINGS_TYPE,)
+    RETURN_TYPES = (ZS_SETTINGS,)
     RETURN_NAMES = ("settings",)
     OUTPUT_TOOLTIPS = ("The settings, for the zero-shot nodes.",)
+    SEARCH_ALIASES = ALIASES + ("settings", "options", "parameters")
     FUNCTION = "build"
 
     @classmethod
     def INPUT_TYPES(cls):
         p = PAPER
         return {"required": {
-            "steps": ("INT", {"default": p.steps, "min": 1, "max": 1000, "tooltip": "DDIM steps (paper: 50)."}),
-            "guidance": ("FLOAT", {"default": p.guidance, "min": 0.0, "max": 30.0, "step": 0.1,
-                                   "tooltip": "Classifier-free guidance of the edit (paper: 2.5)."}),
+            "steps": ZERO_SHOT_STEPS,
+            "guidance": ZERO_SHOT_GUIDANCE,
             "iterations": ("INT", {"default": p.iterations, "min": 1, "max": 100,
                                    "tooltip": "Iterations of the loop, the first (all candidates) included "
                                               "(paper: 10)."}),
@@ -179,10 +155,11 @@ class HarmonizeZeroShotInvert:
     DESCRIPTION = ("DDIM inversion (guidance 0, as the paper) of the composite at the working size (aspect ratio "
                    "kept), keeping the whole latent trajectory for the refinement and the null-text optimisation.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = (INVERSION_TYPE, "LATENT", "STRING")
+    RETURN_TYPES = (INVERSION, "LATENT", "STRING")
     RETURN_NAMES = ("inversion", "noised_latent", "work")
     OUTPUT_TOOLTIPS = ("The inversion (trajectory, working-size composite and mask, full-size composite).",
                        "The most noised latent of the trajectory.", WORK_TIP)
+    SEARCH_ALIASES = ALIASES + ("ddim inversion", "invert", "inversion")
     FUNCTION = "invert"
 
     @classmethod
@@ -192,7 +169,7 @@ class HarmonizeZeroShotInvert:
             "image": ("IMAGE", {"tooltip": "The composite (object pasted on the background)."}),
             "mask": ("MASK", {"tooltip": "Mask of the pasted object (white = object)."}),
             "preset": PRESET,
-            "resolution": RESOLUTION,
+            "resolution": ZERO_SHOT_RESOLUTION,
             "seed": SEED,
         }, "optional": {"settings": SETTINGS_IN}}
 
@@ -212,19 +189,20 @@ class HarmonizeZeroShotRefine:
                    "regularisation toward the initial embeddings; the background words are fused with learned "
                    "weights into the replacement for each foreground word. One set of embeddings per step.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = (EMBEDDINGS_TYPE, "IMAGE", "STRING")
+    RETURN_TYPES = (ZS_EMBEDDINGS, "IMAGE", "STRING")
     RETURN_NAMES = ("embeddings", "attention", "work")
     OUTPUT_TOOLTIPS = ("Refined embeddings per step, for the edit node.",
                        "Attention of the foreground words (left) and of the fused background words (right) after "
                        "refinement.", WORK_TIP)
+    SEARCH_ALIASES = ALIASES + ("text embeddings", "embedding refinement", "cross attention")
     FUNCTION = "refine"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_IN,
-            "inversion": (INVERSION_TYPE, {"tooltip": "From 'Harmonize: Zero-shot DDIM Inversion'."}),
-            "descriptions": ("HARMONY_DESCRIPTIONS", {"tooltip": "From 'Harmonize: Description' or 'Harmonize: "
+            "inversion": (INVERSION, {"tooltip": "From 'Harmonize: Zero-shot DDIM Inversion'."}),
+            "descriptions": (DESCRIPTIONS, {"tooltip": "From 'Harmonize: Description' or 'Harmonize: "
                                                                  "Describe with a VLM'."}),
             "candidate": ("INT", {"default": 0, "min": 0, "max": 15, "tooltip": "Which description (0 = the "
                                                                                "first) to use."}),
@@ -257,14 +235,15 @@ class HarmonizeZeroShotEdit:
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("harmonized", "work")
     OUTPUT_TOOLTIPS = ("The harmonized composite at the input's size.", WORK_TIP)
+    SEARCH_ALIASES = ALIASES + ("prompt-to-prompt", "p2p", "null-text", "edit", "edge constraint")
     FUNCTION = "edit"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_IN,
-            "inversion": (INVERSION_TYPE, {"tooltip": "From 'Harmonize: Zero-shot DDIM Inversion'."}),
-            "embeddings": (EMBEDDINGS_TYPE, {"tooltip": "From 'Harmonize: Zero-shot Refine Embeddings' (made from "
+            "inversion": (INVERSION, {"tooltip": "From 'Harmonize: Zero-shot DDIM Inversion'."}),
+            "embeddings": (ZS_EMBEDDINGS, {"tooltip": "From 'Harmonize: Zero-shot Refine Embeddings' (made from "
                                                         "the same inversion)."}),
             "preset": PRESET,
             "painterly": PAINTERLY,
@@ -299,6 +278,7 @@ class HarmonizeZeroShotIterative:
                        "Every evaluated result in order (the K candidates first), as a batch.",
                        "What happened: score and decision per result.",
                        "The scores in the order of the results.", WORK_TIP)
+    SEARCH_ALIASES = ALIASES + ("iterative", "loop", "evaluator", "all-in-one")
     FUNCTION = "run"
 
     @classmethod
@@ -307,17 +287,17 @@ class HarmonizeZeroShotIterative:
             "model": MODEL_IN,
             "image": ("IMAGE", {"tooltip": "The composite (object pasted on the background)."}),
             "mask": ("MASK", {"tooltip": "Mask of the pasted object (white = object)."}),
-            "descriptions": ("HARMONY_DESCRIPTIONS", {"tooltip": "Candidate descriptions (K), from 'Harmonize: "
+            "descriptions": (DESCRIPTIONS, {"tooltip": "Candidate descriptions (K), from 'Harmonize: "
                                                                  "Description' or 'Harmonize: Describe with a VLM'."}),
             "preset": PRESET,
             "painterly": PAINTERLY,
-            "resolution": RESOLUTION,
+            "resolution": ZERO_SHOT_RESOLUTION,
             "seed": SEED,
             "feather": FEATHER,
             "detail": DETAIL,
         }, "optional": {
             "pidinet": PIDINET_IN,
-            "evaluator": ("HARMONY_EVALUATOR", {"tooltip": "Optional harmony evaluator (the trained ResNet-50 from "
+            "evaluator": (EVALUATOR, {"tooltip": "Optional harmony evaluator (the trained ResNet-50 from "
                                                            "'Harmonize: Load Harmony Evaluator'); default: the "
                                                            "training-free Lab-statistics score."}),
             "settings": SETTINGS_IN,
@@ -338,32 +318,6 @@ class HarmonizeZeroShotIterative:
         return {"ui": {"text": [log + "\n\n" + report]}, "result": (best, every, log, scores, report)}
 
 
-class HarmonizeLabHarmonyScore:
-    DESCRIPTION = ("A training-free harmony score (0..1, higher = more harmonious) for the zero-shot loop: how well "
-                   "the foreground's mean lightness, colour cast (Lab a/b) and lightness contrast match a ring of "
-                   "background around it. exp(-d), d = squared mean differences in units of 'scale' Lab units plus "
-                   "the squared log contrast ratio. It measures colour/illumination agreement only, not semantics; "
-                   "the trained evaluator judges more.")
-    CATEGORY = "harmonize/evaluation"
-    RETURN_TYPES = ("HARMONY_EVALUATOR",)
-    RETURN_NAMES = ("evaluator",)
-    OUTPUT_TOOLTIPS = ("Scorer: images + masks -> score per image.",)
-    FUNCTION = "build"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "ring": ("FLOAT", {"default": 0.25, "min": 0.01, "max": 4.0, "step": 0.01,
-                               "tooltip": "Width of the background ring compared with the object, as a fraction "
-                                          "of the square root of the object's area."}),
-            "scale": ("FLOAT", {"default": 20.0, "min": 0.1, "max": 200.0, "step": 0.5,
-                                "tooltip": "Lab difference that counts as one unit of mismatch."}),
-        }}
-
-    def build(self, ring, scale):
-        return (zl.LabStatisticsScore(ring=ring, scale=scale),)
-
-
 NODE_CLASS_MAPPINGS = {
     "HarmonizeZeroShotLoader": HarmonizeZeroShotLoader,
     "HarmonizeZeroShotSettings": HarmonizeZeroShotSettings,
@@ -371,7 +325,6 @@ NODE_CLASS_MAPPINGS = {
     "HarmonizeZeroShotRefine": HarmonizeZeroShotRefine,
     "HarmonizeZeroShotEdit": HarmonizeZeroShotEdit,
     "HarmonizeZeroShotIterative": HarmonizeZeroShotIterative,
-    "HarmonizeLabHarmonyScore": HarmonizeLabHarmonyScore,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "HarmonizeZeroShotLoader": "Harmonize: Load Text-to-Image Model",
@@ -380,5 +333,4 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "HarmonizeZeroShotRefine": "Harmonize: Zero-shot Refine Embeddings",
     "HarmonizeZeroShotEdit": "Harmonize: Zero-shot Edit",
     "HarmonizeZeroShotIterative": "Harmonize: Zero-shot Iterative Harmonize",
-    "HarmonizeLabHarmonyScore": "Harmonize: Lab Harmony Score (training-free)",
 }

@@ -118,7 +118,7 @@ def apply_lut(image: torch.Tensor, lut: Lut3D, mask: torch.Tensor | None = None,
     the result is blended in inside it (``feather`` px inwards) and the rest stays bit for bit. ``cancel``
     is checked before every strip."""
     if not isinstance(lut, Lut3D):
-        raise InputError(f"lut must be a Lut3D (HARMONY_LUT), got {type(lut).__name__}")
+        raise InputError(f"lut must be a Lut3D (HARMONIZE_LUT), got {type(lut).__name__}")
     image = images.image_batch(image)
     b, h, w = image.shape[:3]
     out = torch.empty(b, h, w, 3, dtype=torch.float32)
@@ -422,7 +422,7 @@ def write_cube(lut: Lut3D, path: str) -> str:
     free numbered name (``name_1.cube``, ``name_2.cube``, ...) is used. The file is created exclusively, so a file that
     appears meanwhile is not overwritten either. Returns the path written."""
     if not isinstance(lut, Lut3D):
-        raise InputError(f"lut must be a Lut3D (HARMONY_LUT), got {type(lut).__name__}")
+        raise InputError(f"lut must be a Lut3D (HARMONIZE_LUT), got {type(lut).__name__}")
     if not str(path).lower().endswith(".cube"):
         path = f"{path}.cube"
     folder = os.path.dirname(os.path.abspath(path))

@@ -69,7 +69,7 @@ class Description:
 
 @dataclass
 class DescriptionSet:
-    """The HARMONY_DESCRIPTIONS type: K candidates, and optionally a source that can be asked again
+    """The HARMONIZE_DESCRIPTIONS type: K candidates, and optionally a source that can be asked again
     (a VLM backend) when the iterative loop decides to regenerate the description.
 
     ``raw`` is the text the candidates were read from (a model's answers, or the user's text) and

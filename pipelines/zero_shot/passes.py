@@ -227,7 +227,7 @@ def check_inputs(composite: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
 # ------------------------------------------------------------------------------ batches (the nodes)
 @dataclass
 class InversionBatch:
-    """The HARMONY_INVERSION type: one inversion per composite of a batch, plus the full-size composite and
+    """The HARMONIZE_INVERSION type: one inversion per composite of a batch, plus the full-size composite and
     mask the result is pasted back into."""
 
     items: list  # list[Inversion]

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from comfyui_harmonize.nodes import color as CN
 from comfyui_harmonize.nodes import diffharmony as N
 from comfyui_harmonize.pipelines.diffharmony import pipeline as dh
 from comfyui_harmonize.pipelines.diffharmony import refiner as rf
@@ -73,7 +74,7 @@ def run_chain(sd, refiner, image, mask, seed, steps, res, refine_res):
     (out,) = N.HarmonizeDiffHarmonySampler().sample(sd, lat, lmask, seed, steps, "euler_ancestral", 1.0)
     (dec,) = N.HarmonizeDiffHarmonyDecode().decode(sd, out)
     (ref,) = N.HarmonizeRefine().refine(refiner, dec, image, mask, refine_res, "keep aspect")
-    (res_img,) = N.HarmonizeRestore().restore(ref, image, mask, 0, "resample")
+    (res_img,) = CN.HarmonizeRestore().restore(ref, image, mask, 0, "resample")
     return res_img
 
 

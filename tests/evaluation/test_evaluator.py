@@ -232,7 +232,7 @@ def test_the_zero_shot_loop_takes_the_loaded_evaluator(tmp_path):
     from comfyui_harmonize.pipelines.describe.descriptions import Description
 
     assert ZN.HarmonizeZeroShotIterative.INPUT_TYPES()["optional"]["evaluator"][0] == \
-        N.HarmonizeEvaluatorLoader.RETURN_TYPES[0] == "HARMONY_EVALUATOR"
+        N.HarmonizeEvaluatorLoader.RETURN_TYPES[0] == "HARMONIZE_EVALUATOR"
     torch.manual_seed(0)
     model = ev.ResNet((1, 1, 1, 1), base_width=8)
     with torch.no_grad():  # a fresh ResNet's blocks start as identities (zero bn3): make them see the image

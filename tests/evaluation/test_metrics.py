@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from comfyui_harmonize.nodes.metrics import HarmonizeMetrics
+from comfyui_harmonize.nodes.evaluation import HarmonizeMetrics
 from comfyui_harmonize.pipelines.evaluation import metrics
 from comfyui_harmonize.pipelines.core.errors import InputError
 

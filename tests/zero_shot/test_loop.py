@@ -11,6 +11,7 @@ import torch
 
 import comfyui_harmonize
 import workflow_runner as wr
+from comfyui_harmonize.nodes import evaluation as en
 from comfyui_harmonize.nodes import zero_shot as zn
 from comfyui_harmonize.pipelines.sd import loading
 from comfyui_harmonize.pipelines.zero_shot import passes as zs
@@ -229,7 +230,7 @@ def test_node_chain_reports_work_and_matches_the_pipeline(zs_models):
     emb2 = zs.refine_batch(model, inv2, B, s)
     ref, _ = zs.edit_batch(model, inv2, emb2, s)
     assert torch.equal(out, ref)
-    evaluator = zn.HarmonizeLabHarmonyScore().build(0.25, 20.0)[0]
+    evaluator = en.HarmonizeLabHarmonyScore().build(0.25, 20.0)[0]
     assert evaluator(out, mask).shape == (1,)
 
 
