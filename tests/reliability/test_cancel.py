@@ -205,7 +205,7 @@ def test_feather_checks_every_image_and_paste_every_strip(comfy_interrupt):
     assert full.calls == 3 + 1  # one per image (feather), one per strip of PASTE_ROWS rows
     comfy_interrupt.fire_at = comfy_interrupt.calls + 2
     with pytest.raises(Interrupted):
-        dh_nodes.HarmonizeRestore().restore(composite * 0.5, composite, mask, 4, "resample")
+        color_nodes.HarmonizeRestore().restore(composite * 0.5, composite, mask, 4, "resample")
 
 
 # ------------------------------------------------------------------------------------------ VLM
