@@ -11,6 +11,9 @@ import weakref
 
 import torch
 
+from ..pipelines.core import model_files
+from ..pipelines.sd.loading import find_models
+
 MODELS_ENV = "HARMONIZE_MODELS_DIR"  # models root used when ComfyUI is not importable (tests, CLI)
 
 # Model folders the pack registers with ComfyUI, next to the built-in ones it also reads.
@@ -257,8 +260,6 @@ def dtype_for(name: str) -> torch.dtype:
 def sd_model_choices(folders: tuple[str, ...]) -> dict:
     """Stable Diffusion models in ComfyUI's ``folders``, named ``<folder>/<name>``: diffusers folders and
     DiffHarmony archives everywhere, single-file .safetensors only in ``checkpoints``."""
-    from ..pipelines.sd.loading import find_models
-
     choices = {}
     for folder in folders:
         for name, path in find_models(model_roots(folder), files=folder == "checkpoints").items():
@@ -266,12 +267,14 @@ def sd_model_choices(folders: tuple[str, ...]) -> dict:
     return choices
 
 
-def resolve_choice(choice: str, choices: dict, what: str, folders: tuple[str, ...]):
-    """The path behind a loader's combo value, or a WeightsError naming the folders searched."""
-    if choice not in choices:
-        from ..pipelines.core.errors import WeightsError
+EXPECTED = {  # what a loader's "not found" error says belongs in the folders it searched
+    "model": "a diffusers pipeline folder, the DiffHarmony archive as downloaded (base/ + refinement/) or, in "
+             "checkpoints, a single-file .safetensors checkpoint",
+    "refiner": "the DiffHarmony archive's refinement/ folder (config.json + weights)",
+}
 
-        roots = [r for f in folders for r in model_roots(f)]
-        raise WeightsError(f"{what} {choice!r} not found. Searched: {', '.join(map(str, roots))}. "
-                           f"Found: {', '.join(choices) or 'nothing'}.")
-    return choices[choice]
+
+def resolve_choice(choice: str, choices: dict, what: str, folders: tuple[str, ...]):
+    """The path behind a loader's combo value, or the pack's "not found" error naming the folders searched."""
+    roots = [r for f in folders for r in model_roots(f)]
+    return model_files.resolve(choice, choices, what, roots, EXPECTED.get(what, f"a {what} in those folders"))

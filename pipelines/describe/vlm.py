@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..core import cancel as cancelling
-from ..core import images as im
+from ..core import images as im, model_files
 from .descriptions import EXAMPLE, FORMAT, Description, DescriptionSet, parse_descriptions, quote, vocabulary_text
 from ..core.errors import InputError, WeightsError
 
@@ -458,24 +458,15 @@ _LOCAL_CACHE: dict[tuple, "LocalModel"] = {}
 _LOCAL_LOCK = threading.Lock()
 
 
+def _has_config(folder) -> bool:
+    return (folder / "config.json").is_file()
+
+
 def local_models(roots: Sequence[str]) -> dict[str, str]:
     """{name: folder} of model folders (with a config.json) directly in ``roots`` or one level deeper
     (``org/model``), as VLM packs lay out ``models/LLM``."""
-    found: dict[str, str] = {}
-    for root in roots:
-        if not os.path.isdir(root):
-            continue
-        for entry in sorted(os.listdir(root)):
-            path = os.path.join(root, entry)
-            if not os.path.isdir(path):
-                continue
-            if os.path.isfile(os.path.join(path, "config.json")):
-                found.setdefault(entry, path)
-                continue
-            for sub in sorted(os.listdir(path)):
-                if os.path.isfile(os.path.join(path, sub, "config.json")):
-                    found.setdefault(f"{entry}/{sub}", os.path.join(path, sub))
-    return found
+    found = model_files.find(roots, model_dir=_has_config, max_depth=2)
+    return {name: str(path) for name, path in found.items()}
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
@@ -600,14 +591,12 @@ def _make_backend(name: str, *, model: str, url: str, timeout: float, max_tokens
         return ManualBackend(text)
     if name == "transformers":
         found = local_models(roots)
-        if local_model in found:
-            folder = found[local_model]
-        elif local_model and os.path.isdir(local_model):
+        if local_model and local_model not in found and os.path.isdir(local_model):
             folder = local_model
         else:
-            raise WeightsError(f"local model {local_model!r} not found. Searched: {', '.join(map(str, roots)) or 'nothing'}. "
-                               f"Found: {', '.join(found) or 'nothing'}. Put a transformers vision-language model "
-                               f"folder (config.json, weights, processor, tokenizer) in models/LLM.")
+            folder = str(model_files.resolve(local_model, found, "local model", roots,
+                                             "a transformers vision-language model folder (config.json, "
+                                             "weights, processor, tokenizer) in models/LLM"))
         return TransformersBackend(folder, device=device, dtype=dtype, max_new_tokens=max_tokens, place=place)
     raise InputError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
 

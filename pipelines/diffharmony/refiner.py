@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core import cancel as cancelling
-from ..core import images
+from ..core import images, model_files
 from ..core.errors import InputError, WeightsError
 from ..core.weights import empty_weights, load_into, load_state_dict
 
@@ -158,24 +158,25 @@ def refine(model: RefinerUNet, harmonized: torch.Tensor, composite: torch.Tensor
     return images.from_signed(out)
 
 
+def is_refiner_folder(folder: Path) -> bool:
+    """A refinement model folder: a config.json whose down blocks are all DownBlock2D, weights beside it,
+    and not a component of a diffusers pipeline (unet/, vae/ ... under a model_index.json)."""
+    cfg = folder / "config.json"
+    if not cfg.is_file() or any((p / "model_index.json").is_file() for p in (folder, folder.parent)):
+        return False
+    if not any((folder / w).is_file() for w in WEIGHT_NAMES):
+        return False
+    try:
+        blocks = json.loads(cfg.read_text()).get("down_block_types", [])
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(blocks) and all(b == "DownBlock2D" for b in blocks)
+
+
+def _is_pipeline_folder(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file()
+
+
 def find_refiners(roots) -> dict[str, Path]:
-    """Refinement models under ``roots``: folders with a config.json naming in_channels and no
-    model_index.json (so not a pipeline), e.g. ``<archive>/refinement``."""
-    found: dict[str, Path] = {}
-    for root in roots:
-        root = Path(root)
-        if not root.is_dir():
-            continue
-        for cfg in sorted(root.rglob("config.json")):
-            folder = cfg.parent
-            if any((p / "model_index.json").is_file() for p in (folder, folder.parent)):
-                continue  # a component of a diffusers pipeline (unet/, vae/, ...)
-            if not any((folder / w).is_file() for w in WEIGHT_NAMES):
-                continue
-            try:
-                blocks = json.loads(cfg.read_text()).get("down_block_types", [])
-            except (OSError, json.JSONDecodeError):
-                continue
-            if blocks and all(b == "DownBlock2D" for b in blocks):
-                found.setdefault(folder.name if folder == root else folder.relative_to(root).as_posix(), folder)
-    return found
+    """Refinement models under ``roots`` (see :func:`is_refiner_folder`), e.g. ``<archive>/refinement``."""
+    return model_files.find(roots, model_dir=is_refiner_folder, skip_dir=_is_pipeline_folder)

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import model_files
+from ..core import model_files
 from ..core.errors import WeightsError
 from ..core.weights import PICKLE_SUFFIXES, SAFE_SUFFIXES, empty_weights, load_into, load_state_dict
 
@@ -317,28 +319,11 @@ def load_pidinet(path: str | os.PathLike) -> PiDiNet:
 # ------------------------------------------------------------------------------------ model folders
 def find_checkpoints(roots: list[str | os.PathLike]) -> dict[str, Path]:
     """Checkpoint files under ``roots`` (recursively), by path relative to their root."""
-    found: dict[str, Path] = {}
-    for root in roots:
-        root = Path(root)
-        if not root.is_dir():
-            continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames.sort()
-            for f in sorted(filenames):
-                if f.lower().endswith(CHECKPOINT_SUFFIXES):
-                    p = Path(dirpath) / f
-                    found.setdefault(p.relative_to(root).as_posix(), p)
-    return dict(sorted(found.items()))
+    return model_files.find(roots, file_suffixes=CHECKPOINT_SUFFIXES)
 
 
 def resolve_checkpoint(name: str, roots: list[str | os.PathLike]) -> Path:
     """The file called ``name`` in one of ``roots``; a clear error naming the folders otherwise."""
-    found = find_checkpoints(roots)
-    if name in found:
-        return found[name]
-    folders = ", ".join(str(r) for r in roots) or "(none)"
-    have = ", ".join(found) or "none"
-    raise WeightsError(
-        f"PiDiNet checkpoint {name!r} not found in {folders} (available: {have}). Put a published PiDiNet "
-        f"checkpoint such as table5_pidinet.pth or table5_pidinet-tiny.pth there."
-    )
+    return model_files.resolve(name, find_checkpoints(roots), "PiDiNet checkpoint", roots,
+                               "a published PiDiNet checkpoint such as table5_pidinet.pth or "
+                               "table5_pidinet-tiny.pth in one of those folders")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import images
+from ..core import images, model_files
 from ..core.errors import InputError, WeightsError
 from ..core.weights import empty_weights, load_state_dict
 
@@ -299,12 +299,4 @@ def save_evaluator(model: ResNet, path: str | os.PathLike, size: int = INPUT_SIZ
 
 def find_evaluators(roots) -> dict[str, Path]:
     """Weight files under ``roots`` (names relative to their root)."""
-    found: dict[str, Path] = {}
-    for root in roots:
-        root = Path(root)
-        if not root.is_dir():
-            continue
-        for f in sorted(root.rglob("*")):
-            if f.is_file() and f.name.lower().endswith(WEIGHT_SUFFIXES):
-                found.setdefault(f.relative_to(root).as_posix(), f)
-    return found
+    return model_files.find(roots, file_suffixes=WEIGHT_SUFFIXES)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..core import model_files
 from ..core.errors import WeightsError
 from ..core.weights import own_memory
 
@@ -137,24 +138,12 @@ def load_sd(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return load_diffusers_folder(path, dtype=dtype, tokenizer_dir=tokenizer_dir)
 
 
+def is_sd_model_folder(path: Path) -> bool:
+    """A diffusers pipeline folder or a DiffHarmony archive root (with base/)."""
+    return is_diffusers_folder(path) or diffharmony_base(path) is not None
+
+
 def find_models(roots: list[str | os.PathLike], files: bool = True) -> dict[str, Path]:
     """Models under ``roots``: diffusers folders, DiffHarmony archives (folders with base/) and, with
     ``files``, single-file ``.safetensors`` checkpoints. Names are paths relative to their root."""
-    found: dict[str, Path] = {}
-    for root in roots:
-        root = Path(root)
-        if not root.is_dir():
-            continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            d = Path(dirpath)
-            if is_diffusers_folder(d) or diffharmony_base(d) is not None:
-                name = d.relative_to(root).as_posix() if d != root else d.name
-                found.setdefault(name, d)
-                dirnames[:] = []  # do not descend into a model
-                continue
-            if files:
-                for f in filenames:
-                    if f.lower().endswith(".safetensors"):
-                        found.setdefault((d / f).relative_to(root).as_posix(), d / f)
-            dirnames.sort()
-    return dict(sorted(found.items()))
+    return model_files.find(roots, model_dir=is_sd_model_folder, file_suffixes=(".safetensors",) if files else ())

@@ -365,7 +365,7 @@ def test_loader_node_lists_and_loads_the_models_folder(tmp_path, monkeypatch):
     x = torch.rand(1, 3, 16, 24)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    with pytest.raises(WeightsError, match="not found in .*pidinet"):
+    with pytest.raises(WeightsError, match=r"not found\. Searched: .*pidinet"):
         pidinet_nodes.HarmonizePiDiNetLoader().load("table5_pidinet.pth")
 
 
