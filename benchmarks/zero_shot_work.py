@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from comfyui_harmonize.pipelines.sd import loading  # noqa: E402
+from comfyui_harmonize.pipelines.sd import loading, models as sd_models  # noqa: E402
 from comfyui_harmonize.pipelines.zero_shot import passes as zs  # noqa: E402
 from comfyui_harmonize.pipelines.zero_shot import loop as zl  # noqa: E402
 from comfyui_harmonize.pipelines.describe.descriptions import Description, DescriptionSet  # noqa: E402
@@ -79,7 +79,7 @@ def tiny_model() -> ZeroShotModel:
 
     folder = Path(tempfile.mkdtemp()) / "tiny-txt2img"
     tiny_models.save_diffusers_pipeline(folder, in_channels=4)
-    return ZeroShotModel(loading.load_sd(folder))
+    return ZeroShotModel(sd_models.load_sd(folder))
 
 
 def tiny_pidinet():
@@ -177,7 +177,7 @@ def load_composite(image_path, mask_path):
 def print_times(presets, model_path, image_path, mask_path, resolution, device) -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if model_path:
-        model = ZeroShotModel(loading.load_sd(model_path, dtype), device)
+        model = ZeroShotModel(sd_models.load_sd(model_path, dtype), device)
         model.unet.to(device), model.vae.to(device), model.text_encoder.to(device)
     else:
         model = random_sd2(device, dtype)

@@ -12,7 +12,7 @@ import weakref
 import torch
 
 from ..pipelines.core import model_files
-from ..pipelines.sd.loading import find_models
+from ..pipelines.sd.models import find_models
 
 MODELS_ENV = "HARMONIZE_MODELS_DIR"  # models root used when ComfyUI is not importable (tests, CLI)
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from ..pipelines.sd import loading
+from ..pipelines.sd import models as sd_models
 from ..pipelines.zero_shot import passes as zs
 from ..pipelines.zero_shot import loop as zl
 from ..pipelines.core.errors import InputError
@@ -84,7 +84,7 @@ class HarmonizeZeroShotLoader:
 
     def load(self, model, dtype):
         path = host.resolve_choice(model, _model_choices(), "model", MODEL_FOLDERS)
-        sd = loading.load_sd(path, host.dtype_for(dtype), tokenizer_dir=host.comfy_tokenizer_dir())
+        sd = sd_models.load_sd(path, host.dtype_for(dtype), tokenizer_dir=host.comfy_tokenizer_dir())
         return (ZeroShotModel(sd),)
 
 

@@ -9,6 +9,7 @@ import torch
 from ..core import cancel as cancelling
 from ..core import images
 from ..core.errors import InputError
+from .transfer import transfer_color
 
 DETAIL_MODES = ("resample", "transfer")
 
@@ -27,8 +28,6 @@ def restore(harmonized: torch.Tensor, composite: torch.Tensor, mask: torch.Tenso
     composite, harmonized = images.match_batches(composite, harmonized, ("composite", "harmonized"))
     mask = images.match_batches(composite, mask)[1]
     if detail == "transfer":
-        from .transfer import transfer_color
-
         harmonized = transfer_color(composite, harmonized, mask, cancel=cancel)
     elif detail != "resample":
         raise InputError(f"detail must be one of {DETAIL_MODES}, got {detail!r}")

@@ -47,6 +47,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import kornia
 import torch.nn.functional as F
 
 from ..core import cancel as cancelling
@@ -101,7 +102,6 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur of ``[C, H, W]`` (replicated borders: any size, even 1 px); sigma 0 returns ``x``."""
     if sigma <= 0:
         return x
-    import kornia
 
     k = 2 * int(math.ceil(3 * sigma)) + 1
     y = kornia.filters.gaussian_blur2d(x[None].float(), (k, k), (sigma, sigma), border_type="replicate")[0]

@@ -3,7 +3,8 @@
 
 Users link models into ComfyUI's folders, so links are followed; every folder is entered once, by its real
 path, and a link up to a folder that holds the root being walked (a parent, the models root) is not entered,
-so a link loop can neither hang the walk nor multiply the choices.
+so a link loop can neither hang the walk nor multiply the choices. A model folder is listed under each name
+that leads to it (a user may link one model under two names); it is never entered.
 Folders are walked in sorted order, so the same folder contents always give the same names: a model's name
 is its path relative to the root it was found in (a root that is itself a model is named by its folder
 name); when two roots, or two links, lead to the same name or the same real folder, the first one wins.
@@ -37,14 +38,16 @@ def find(roots: Iterable[str | os.PathLike], *, model_dir: DirTest | None = None
 
     def visit(folder: Path, root: Path, depth: int) -> None:
         real = os.path.realpath(folder)
-        if real in visited or inside(roots_real[root], real):
-            return  # reached again through a link, or a link up to a folder holding the root: a loop
-        visited.add(real)
+        if inside(roots_real[root], real):
+            return  # a link up to a folder holding the root: entering it would walk the root again
         if skip_dir is not None and skip_dir(folder):
             return
         if model_dir is not None and model_dir(folder):
-            found.setdefault(name_of(folder, root), folder)
+            found.setdefault(name_of(folder, root), folder)  # a model linked under two names is listed twice
             return
+        if real in visited:
+            return  # a folder reached again through a link is walked once (and a loop ends here)
+        visited.add(real)
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:

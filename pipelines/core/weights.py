@@ -6,6 +6,8 @@ import os
 import pickle
 
 import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
 from torch import nn
 
 from .errors import WeightsError
@@ -22,8 +24,6 @@ def load_state_dict(path: str | os.PathLike, map_location: str = "cpu") -> dict[
     lower = path.lower()
     try:
         if lower.endswith(SAFE_SUFFIXES):
-            from safetensors.torch import load_file
-
             return load_file(path, device=map_location)
         if lower.endswith(PICKLE_SUFFIXES):
             obj = torch.load(path, map_location=map_location, weights_only=True)
@@ -79,7 +79,6 @@ def _is_meta(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def empty_weights():
     """Build modules without allocating/initialising parameters (they are filled by ``load_into``)."""
-    from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         yield

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+# diffusers and transformers are imported where first used: importing them adds seconds to ComfyUI's start-up
+# (which imports every node module), while a graph that never loads this model does not need them.
 from ..core import cancel as cancelling
 from ..core import images as im, model_files
 from .descriptions import EXAMPLE, FORMAT, Description, DescriptionSet, parse_descriptions, quote, vocabulary_text
@@ -418,7 +420,7 @@ class GeminiBackend(Backend):
 
     def _sdk(self):
         try:
-            from google import genai
+            from google import genai  # optional: the gemini extra
             from google.genai import types
         except ImportError:
             raise BackendError("the Gemini backend needs the google-genai package: `pip install google-genai` "

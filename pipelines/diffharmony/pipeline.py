@@ -22,10 +22,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+# diffusers and transformers are imported where first used: importing them adds seconds to ComfyUI's start-up
+# (which imports every node module), while a graph that never loads this model does not need them.
 from ..core import cancel as cancelling
 from ..core import images
+from ..color.restore import restore
 from ..core.errors import InputError, WeightsError
-from ..sd.loading import SDComponents, load_sd
+from ..sd.loading import SDComponents
+from ..sd.models import load_sd
+from .refiner import refine
 
 SCHEDULERS = ("euler_ancestral", "euler", "ddim", "dpmpp_2m", "unipc")
 DEFAULT_STEPS = 5
@@ -197,7 +202,6 @@ def harmonize(sd: SDComponents, image: torch.Tensor, mask: torch.Tensor, seed: i
     every sampler step; ``cancel`` is checked inside the encode, decode and refiner passes and per strip of
     the paste (see the stages).
     """
-    from ..color.restore import restore
 
     image, mask = images.image_and_mask(image, mask)
     empty = images.warn_empty(mask, "DiffHarmony")
@@ -208,8 +212,6 @@ def harmonize(sd: SDComponents, image: torch.Tensor, mask: torch.Tensor, seed: i
     out = sample(sd, latents, m, seed, steps, scheduler, guidance, callback=callback)
     harmonized = decode(sd, out, cancel)
     if refiner is not None:
-        from .refiner import refine
-
         harmonized = refine(refiner, harmonized, image, mask, refine_resolution, device=module_device(refiner),
                             square=square, cancel=cancel)
     return restore(harmonized, image, mask, feather=feather, detail=detail, cancel=cancel)

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# diffusers and transformers are imported where first used: importing them adds seconds to ComfyUI's start-up
+# (which imports every node module), while a graph that never loads this model does not need them.
 from ..core import cancel as cancelling
 from ..core import images, model_files
 from ..core.errors import InputError, WeightsError

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import kornia
 import torch
 
 from ..core import images
@@ -74,7 +75,6 @@ def _work(x: torch.Tensor) -> torch.Tensor:
 
 def sobel_edges(img: torch.Tensor) -> torch.Tensor:
     """Per-channel Sobel gradient magnitude of RGB ``[B,3,H,W]`` in [0,1] -> ``[B,3,H,W]`` float32."""
-    import kornia
 
     _check_image(img, "image")
     return kornia.filters.sobel(_work(img), normalized=True, eps=SOBEL_EPS)

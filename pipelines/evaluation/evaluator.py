@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..core import images, model_files
@@ -272,8 +274,6 @@ def load_evaluator(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
@@ -283,7 +283,6 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 def save_evaluator(model: ResNet, path: str | os.PathLike, size: int = INPUT_SIZE, extra: dict | None = None) -> Path:
     """Write the model as torchvision-layout safetensors with metadata; never overwrites a file."""
-    from safetensors.torch import save_file
 
     path = Path(path)
     if path.exists():

@@ -3,7 +3,8 @@
 - a diffusers pipeline folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/);
 - the DiffHarmony archive as its authors publish it (``base/`` is such a folder, its unet/vae weights as
   pickled ``.bin``; ``refinement/`` holds the refinement UNet);
-- a single-file ``.safetensors`` checkpoint (see single_file.py; configs ship with the pack).
+- a single-file ``.safetensors`` checkpoint: single_file.py (configs ship with the pack); models.py loads
+  and lists either.
 
 diffusers/transformers read ``.bin`` files with ``torch.load(weights_only=True)``; nothing is fetched and no
 pickle is executed.
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..core import model_files
+# diffusers and transformers are imported where first used: importing them adds seconds to ComfyUI's start-up
+# (which imports every node module), while a graph that never loads this model does not need them.
 from ..core.errors import WeightsError
 from ..core.weights import own_memory
 
@@ -123,27 +125,3 @@ def load_diffusers_folder(path: str | os.PathLike, dtype: torch.dtype = torch.fl
     for m in (unet, vae, text_encoder):
         own_memory(m).eval().requires_grad_(False)
     return SDComponents(unet, vae, text_encoder, tokenizer, scheduler_config, str(folder), dtype)
-
-
-def load_sd(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-            tokenizer_dir: str | os.PathLike | None = None) -> SDComponents:
-    """Load from a diffusers folder, the DiffHarmony archive root, or a single-file checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"model not found: {path}")
-    if path.is_file():
-        from .single_file import load_single_file
-
-        return load_single_file(path, dtype=dtype, tokenizer_dir=tokenizer_dir)
-    return load_diffusers_folder(path, dtype=dtype, tokenizer_dir=tokenizer_dir)
-
-
-def is_sd_model_folder(path: Path) -> bool:
-    """A diffusers pipeline folder or a DiffHarmony archive root (with base/)."""
-    return is_diffusers_folder(path) or diffharmony_base(path) is not None
-
-
-def find_models(roots: list[str | os.PathLike], files: bool = True) -> dict[str, Path]:
-    """Models under ``roots``: diffusers folders, DiffHarmony archives (folders with base/) and, with
-    ``files``, single-file ``.safetensors`` checkpoints. Names are paths relative to their root."""
-    return model_files.find(roots, model_dir=is_sd_model_folder, file_suffixes=(".safetensors",) if files else ())

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+# diffusers and transformers are imported where first used: importing them adds seconds to ComfyUI's start-up
+# (which imports every node module), while a graph that never loads this model does not need them.
 from ..core.errors import WeightsError
 from .loading import TOKENIZER_FILES, SDComponents, load_tokenizer
 from ..core.weights import empty_weights, load_into, load_state_dict

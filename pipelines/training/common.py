@@ -31,8 +31,14 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..core.errors import InputError, WeightsError
+from ..ihd import dataset as ihd
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 STATE_DIR = "training_state"
@@ -91,8 +97,6 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int, m
 
 
 def make_accelerator(args):
-    from accelerate import Accelerator
-
     cpu = bool(getattr(args, "cpu", False)) or not torch.cuda.is_available()
     if cpu and args.mixed_precision == "fp16":
         raise InputError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 (or no) on the CPU")
@@ -154,9 +158,6 @@ class Trainer:
     """Optimizer, schedule, EMA, mixed precision, checkpoints and the loop around a ``Task``."""
 
     def __init__(self, task: Task, args: argparse.Namespace, accelerator=None):
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
-
         if args.max_steps < 1:
             raise InputError(f"--max-steps must be >= 1, got {args.max_steps}")
         self.task = task
@@ -227,8 +228,6 @@ class Trainer:
         return folder
 
     def save_checkpoint(self) -> Path | None:
-        from safetensors.torch import save_file
-
         folder = self.out / f"checkpoint-{self.step_count}"
         self.acc.wait_for_everyone()
         if self.acc.is_main_process and not folder.exists():
@@ -268,8 +267,6 @@ class Trainer:
             shutil.rmtree(p)
 
     def load_checkpoint(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
         state = folder / STATE_DIR
         if not (state / "state.json").is_file():
             raise WeightsError(f"{folder} is not a training checkpoint: {state / 'state.json'} is missing")
@@ -293,7 +290,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ loop
     def fit(self, dataset, collate_fn=None) -> Path:
         """Train until ``max_steps``; returns the final model folder (written by the main process)."""
-        from tqdm.auto import tqdm
 
         args = self.args
         final = self.out / "final"
@@ -370,7 +366,6 @@ def run_command(args, build, done: str, prepare=None) -> int:
     """The ``main`` of the training commands: build the task and dataset from ``args``, train, and say where
     the result went (``done`` is formatted with ``final``). ``prepare(task, accelerator)`` runs before
     training. Bad input or weights end with a message and exit status 2."""
-    from ..ihd import dataset as ihd
 
     try:
         task, dataset = build(args)

@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import diffusers
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
 from ..ihd import dataset as ihd
 from ..core.errors import InputError, WeightsError
+from ..diffharmony.pipeline import check_inpainting
+from ..sd.models import load_sd
 from ..sd.loading import SDComponents
 from .common import add_common_args, link_or_copy_tree, run_command
 
@@ -52,9 +57,6 @@ class DiffHarmonyTask:
     """The harmonization UNet's denoising objective."""
 
     def __init__(self, sd: SDComponents, prompt: str = ""):
-        from diffusers import DDPMScheduler
-
-        from ..diffharmony.pipeline import check_inpainting
 
         check_inpainting(sd)
         self.sd = sd
@@ -75,8 +77,6 @@ class DiffHarmonyTask:
             return
         tmp = folder.with_name(folder.name + ".partial")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         self.sd.vae.save_pretrained(tmp / "vae", safe_serialization=True)
@@ -86,8 +86,6 @@ class DiffHarmonyTask:
         self.sd.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.sd.scheduler_config, indent=1))
-        import diffusers
-
         sched_cls = self.sd.scheduler_config.get("_class_name", "PNDMScheduler")
         (tmp / "model_index.json").write_text(json.dumps({
             "_class_name": "StableDiffusionInpaintPipeline", "_diffusers_version": diffusers.__version__,
@@ -165,8 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build(args: argparse.Namespace):
-    from ..sd.loading import load_sd
-
     if args.resolution % 8:
         raise InputError(f"--resolution must be a multiple of 8, got {args.resolution}")
     sd = load_sd(args.pretrained, dtype=torch.float32, tokenizer_dir=args.tokenizer)

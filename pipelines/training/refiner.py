@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from ..ihd import dataset as ihd
 from ..core.errors import InputError
+from ..diffharmony import pipeline as dh
 from ..diffharmony.refiner import DEFAULTS, RefinerUNet, load_refiner, refiner_input
 from .common import add_common_args, run_command
 
@@ -51,7 +53,6 @@ def refiner_config(preset_or_path: str, in_channels: int = 7) -> dict:
 
 def save_refiner(model: RefinerUNet, folder: Path) -> Path:
     """config.json + diffusion_pytorch_model.safetensors, the layout of the released ``refinement/``."""
-    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=False)
     cfg = {"_class_name": "UNet2DCustom",
@@ -106,7 +107,6 @@ class RefinerTask:
     @torch.no_grad()
     def harmonize(self, comp: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
         """DiffHarmony on a batch of crops (``comp`` [-1,1] ``[B,3,H,W]``, mask ``[B,1,H,W]``) -> [-1,1]."""
-        from ..diffharmony import pipeline as dh
 
         image = ((comp.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
         latents = dh.encode(self.sd, image, self.gen_resolution, seed, square=True)
@@ -181,9 +181,7 @@ def build(args: argparse.Namespace):
         model = RefinerUNet(**refiner_config(args.config, args.in_channels))
     sd = None
     if not args.cache:
-        from ..diffharmony.pipeline import load_diffharmony
-
-        sd = load_diffharmony(args.diffharmony, dtype=torch.float32, tokenizer_dir=args.tokenizer)
+        sd = dh.load_diffharmony(args.diffharmony, dtype=torch.float32, tokenizer_dir=args.tokenizer)
     task = RefinerTask(model, sd, args.refine_resolution, args.resolution, args.gen_steps, args.gen_scheduler)
     samples = ihd.list_split(args.data, "train", args.subsets)
     dataset = ihd.PairDataset(samples, resolution=args.resolution, random_crop=not args.no_crop,

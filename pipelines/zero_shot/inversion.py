@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import InputError
+from ..edges import loss as edges
 from .model import WorkCounter, ZeroShotModel, gradients
 
 
@@ -126,7 +127,6 @@ def nulltext_optimize(model: ZeroShotModel, inversion: Inversion, cond: torch.Te
                       work: WorkCounter | None = None, callback=None) -> NullText:
     """Optimise the null-text embedding per reverse step (see the module docstring). ``cond`` is the source
     prompt's embedding ``[77, D]`` or ``[S, 77, D]`` per step (the refined embeddings)."""
-    from ..edges import loss as edges
 
     steps = inversion.steps
     device = model.device

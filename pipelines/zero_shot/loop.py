@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+import kornia
 import torch.nn.functional as F
 
 from ..core import images
@@ -125,8 +126,6 @@ class LabStatisticsScore:
         self.ring, self.scale, self.analysis_size = float(ring), float(scale), int(analysis_size)
 
     def __call__(self, images_bhwc: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        import kornia
-
         img, mask = images.image_and_mask(images_bhwc, masks)
         h, w = img.shape[1:3]
         scale = min(1.0, self.analysis_size / max(h, w))

@@ -1,6 +1,6 @@
 """The text-to-image model the zero-shot harmonization runs on, and the count of the work it does.
 
-``ZeroShotModel`` wraps the Stable Diffusion components loaded by ``loading.load_sd`` (SD 2-base, the
+``ZeroShotModel`` wraps the Stable Diffusion components loaded by ``models.load_sd`` (SD 2-base, the
 official default, or SD 1.x) with DDIM schedulers built from the model's own scheduler config, prompt
 encoding, VAE encoding/decoding and the working-size rule.
 
@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+# diffusers and transformers are imported where first used: importing them adds seconds to ComfyUI's start-up
+# (which imports every node module), while a graph that never loads this model does not need them.
 from ..core import images
 from ..core.errors import InputError, WeightsError
 from ..sd.loading import SDComponents

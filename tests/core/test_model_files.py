@@ -15,7 +15,7 @@ from comfyui_harmonize.pipelines.describe import vlm
 from comfyui_harmonize.pipelines.diffharmony import refiner as rf
 from comfyui_harmonize.pipelines.edges import pidinet
 from comfyui_harmonize.pipelines.evaluation import evaluator as ev
-from comfyui_harmonize.pipelines.sd import loading
+from comfyui_harmonize.pipelines.sd import models as sd_models
 
 
 def touch(path: Path, text: str = "") -> Path:
@@ -60,8 +60,8 @@ def looped_models(tmp_path) -> Path:
 @pytest.mark.timeout(60)
 def test_a_symlink_loop_neither_hangs_nor_multiplies_choices(looped_models, monkeypatch):
     root = looped_models
-    assert list(loading.find_models([root / "diffharmony"])) == ["DiffHarmony"]
-    assert list(loading.find_models([root / "checkpoints"])) == ["A.SAFETENSORS", "b.safetensors"]
+    assert list(sd_models.find_models([root / "diffharmony"])) == ["DiffHarmony"]
+    assert list(sd_models.find_models([root / "checkpoints"])) == ["A.SAFETENSORS", "b.safetensors"]
     assert list(rf.find_refiners([root / "diffharmony"])) == ["DiffHarmony/refinement"]
     assert list(pidinet.find_checkpoints([root / "pidinet"])) == ["table5_pidinet.pth",
                                                                   "tiny/table5_pidinet-tiny.safetensors"]
@@ -87,6 +87,10 @@ def test_same_contents_same_names_and_each_real_folder_once(tmp_path):
     assert list(pidinet.find_checkpoints([a])) == ["b_link/j/x.pth", "c.pth", "z/m.pth"]
     got = pidinet.find_checkpoints([b, a])
     assert got["c.pth"] == b / "c.pth" and list(got) == ["b_link/j/x.pth", "c.pth", "k/j/x.pth", "z/m.pth"]
+    # a model folder linked under a second name is a second choice (it is listed, never entered)
+    touch(tmp_path / "sd" / "one" / "model_index.json", "{}")
+    (tmp_path / "sd" / "two").symlink_to(tmp_path / "sd" / "one", target_is_directory=True)
+    assert sd_models.find_models([tmp_path / "sd"]) == {"one": tmp_path / "sd" / "one", "two": tmp_path / "sd" / "two"}
 
 
 def test_depth_limit_and_missing_roots(tmp_path):

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from comfyui_harmonize.pipelines.sd import single_file
 from comfyui_harmonize.pipelines.core.errors import WeightsError
-from comfyui_harmonize.pipelines.sd.loading import load_diffusers_folder, load_sd
+from comfyui_harmonize.pipelines.sd.loading import load_diffusers_folder
+from comfyui_harmonize.pipelines.sd.models import load_sd
 from comfyui_harmonize.pipelines.sd.single_file import detect_family, load_single_file, sidecar_config_dir
 
 import tiny_models as tm

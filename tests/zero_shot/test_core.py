@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from comfyui_harmonize.pipelines.edges import loss as edges
-from comfyui_harmonize.pipelines.sd import loading
+from comfyui_harmonize.pipelines.sd import models as sd_models
 from comfyui_harmonize.pipelines.zero_shot import passes as zs
 from comfyui_harmonize.pipelines.describe.descriptions import Description
 from comfyui_harmonize.pipelines.core.errors import InputError, WeightsError
@@ -28,7 +28,7 @@ RES = 64  # working long side: a 48x64 image, 6x8 latent for the tiny model
 
 @pytest.fixture(scope="module")
 def model(models_root):
-    return ZeroShotModel(loading.load_sd(models_root / "diffusers" / "tiny-txt2img"))
+    return ZeroShotModel(sd_models.load_sd(models_root / "diffusers" / "tiny-txt2img"))
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +316,7 @@ def test_pass_counts_match_the_settings_exactly(model, inputs, tiny_pidinet, ove
 
 
 def test_loader_refuses_an_inpainting_model(models_root):
-    sd = loading.load_sd(models_root / "diffusers" / "tiny-inpaint")
+    sd = sd_models.load_sd(models_root / "diffusers" / "tiny-inpaint")
     with pytest.raises(WeightsError, match="text-to-image"):
         ZeroShotModel(sd)
 

@@ -13,7 +13,7 @@ import comfyui_harmonize
 import workflow_runner as wr
 from comfyui_harmonize.nodes import evaluation as en
 from comfyui_harmonize.nodes import zero_shot as zn
-from comfyui_harmonize.pipelines.sd import loading
+from comfyui_harmonize.pipelines.sd import models as sd_models
 from comfyui_harmonize.pipelines.zero_shot import passes as zs
 from comfyui_harmonize.pipelines.zero_shot import loop as zl
 from comfyui_harmonize.pipelines.describe.descriptions import Description, DescriptionSet
@@ -133,7 +133,7 @@ def test_lab_statistics_score_prefers_a_foreground_matching_its_surroundings():
 # ------------------------------------------------------------------------------- the whole system
 @pytest.fixture(scope="module")
 def model(models_root):
-    return ZeroShotModel(loading.load_sd(models_root / "diffusers" / "tiny-txt2img"))
+    return ZeroShotModel(sd_models.load_sd(models_root / "diffusers" / "tiny-txt2img"))
 
 
 def test_iterative_keeps_the_input_size_and_the_background_bytes(model):
