@@ -6,7 +6,12 @@
 MODEL is the DiffHarmony archive folder as downloaded (its refinement/ is used automatically), a diffusers
 inpainting folder or a single-file inpainting checkpoint. COMPOSITE and MASK are image files, or folders in
 which each composite ``name.ext`` has a mask ``name.ext`` / ``name_mask.ext`` in the mask folder. OUT is a
-file (single image) or a folder. Existing files are never overwritten.
+file (single image) or a folder. Existing files are never overwritten: a single output that exists gets a
+numbered name (``out_1.png``); in folder mode a composite whose output already exists is skipped, so a run
+that stopped can be started again (``--no-skip-existing`` computes it again, under a numbered name).
+
+Every argument is checked before any model is loaded or image computed; a user error prints one message
+and exits with code 2 (no traceback).
 
 ``--method color-match`` needs no weights and no MODEL: a classical baseline (Reinhard's colour transfer in
 Lab, the foreground's colour statistics matched to the background's), NOT DiffHarmony. It runs at
@@ -16,6 +21,7 @@ for this method).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -23,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..pipelines.diffharmony import pipeline as dh
-from ..pipelines.core import image_io
+from ..pipelines.core import image_io, images
 from ..pipelines.core.errors import InputError, WeightsError
 from ..pipelines.color.restore import DETAIL_MODES
 
@@ -58,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokenizer", help="folder with the CLIP vocab.json + merges.txt (single-file checkpoints); "
                                        "default: $COMFYUI_PATH/comfy/sd1_tokenizer")
+    p.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=True,
+                   help="folder mode: skip composites whose output file already exists (default), so a stopped "
+                        "run can be resumed; --no-skip-existing computes them again under numbered names")
     args = p.parse_args(argv)
     wanted = 2 if args.method == "color-match" else 3
     if len(args.paths) != wanted:
@@ -68,6 +77,171 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.detail is None:
         args.detail = "transfer" if args.method == "color-match" else "resample"
     return args
+
+
+# ------------------------------------------------------------------------------------ argument checks
+MAX_STEPS = 1000  # Stable Diffusion's schedulers are trained on 1000 timesteps; more steps than that fail
+MAX_RESOLUTION = 16384
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
+# Memory model for the largest working resolution: float32 RGB copies of the working image alive at once
+# (resized input, the copy on the device, the decoded result, the upscaled paste) with headroom; the VAE
+# runs in tiles above 2048 px, so the image buffers dominate there.
+BYTES_PER_WORKING_PIXEL = 64
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device`` (CUDA: the driver's figure; CPU: available physical memory), None if unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu" and hasattr(os, "sysconf"):
+            return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, RuntimeError):
+        return None
+    return None
+
+
+def largest_resolution(free_bytes: int, aspect: float) -> int:
+    """The largest working long side (multiple of 8) whose image buffers fit in ``free_bytes`` for an image of
+    aspect ratio ``aspect`` (long side / short side >= 1)."""
+    long_side = math.sqrt(free_bytes / BYTES_PER_WORKING_PIXEL * aspect)
+    return max(0, int(long_side) // 8 * 8)
+
+
+def check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device; expected cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: CUDA is not available here (this torch has no CUDA or sees no "
+                             f"GPU); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise InputError(f"--device {name}: Apple MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise InputError(f"--device {name}: expected cpu, cuda, cuda:N or mps")
+    return device
+
+
+def check_output(args, folder_mode: bool) -> None:
+    out = Path(args.output)
+    if folder_mode:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--output {out} is a file, but a folder of composites needs an output folder")
+        folder = out
+    elif out.is_dir():
+        folder = out
+    else:
+        if out.suffix.lower() not in image_io.IMAGE_SUFFIXES:
+            raise InputError(f"--output {out}: {out.suffix or 'no extension'} is not an image format this command "
+                             f"writes; expected a file ending in {', '.join(image_io.IMAGE_SUFFIXES)} or an "
+                             f"existing folder")
+        folder = out.parent
+    existing = folder
+    while not existing.exists():  # the folders that do not exist yet are created: check the first that does
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise InputError(f"--output {out}: {existing} is a file, so the folder {folder} cannot be created there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--output {out}: the folder {existing} is not writable")
+
+
+def check_numbers(args, device: torch.device) -> None:
+    if not 0 <= args.seed <= MAX_SEED:
+        raise InputError(f"--seed {args.seed} is out of range; expected 0..{MAX_SEED} (2**64 - 1)")
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise InputError(f"--steps {args.steps} is out of range; expected 1..{MAX_STEPS} (the schedulers' training "
+                         f"timesteps; DiffHarmony uses 5)")
+    if not (math.isfinite(args.guidance) and args.guidance >= 1.0):
+        raise InputError(f"--guidance {args.guidance} is out of range; expected a number >= 1 (1 = off, the paper's)")
+    if not 0 <= args.feather <= MAX_RESOLUTION:
+        raise InputError(f"--feather {args.feather} is out of range; expected 0..{MAX_RESOLUTION} pixels")
+    if args.refine_resolution % 16 or not 16 <= args.refine_resolution <= MAX_RESOLUTION:
+        raise InputError(f"--refine-resolution {args.refine_resolution}: expected a multiple of 16 in "
+                         f"16..{MAX_RESOLUTION} (the paper: 256)")
+    if args.resolution % 8 or not 64 <= args.resolution <= MAX_RESOLUTION:
+        raise InputError(f"--resolution {args.resolution}: expected a multiple of 8 in 64..{MAX_RESOLUTION} "
+                         f"(the paper: 1024)")
+
+
+def check_memory(args, device: torch.device, sizes: list[tuple[int, int]]) -> None:
+    """Refuse a working resolution whose image buffers cannot fit, naming the largest that does."""
+    free = available_memory(device)
+    if free is None or not sizes:
+        return
+    aspect = max(max(h, w) / max(min(h, w), 1) for h, w in sizes)
+    short = args.resolution if args.square else math.ceil(args.resolution / aspect)
+    need = args.resolution * short * BYTES_PER_WORKING_PIXEL
+    if need > free:
+        best = largest_resolution(free, 1.0 if args.square else aspect)
+        raise InputError(f"--resolution {args.resolution} needs about {need / 2**30:.1f} GiB for the working image "
+                         f"buffers alone, but {device} has {free / 2**30:.1f} GiB free; the largest working "
+                         f"resolution that fits is about {best}")
+
+
+def image_size(path: Path, what: str) -> tuple[int, int]:
+    """(height, width) of an image file from its header, or InputError naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF rotations by 90 degrees swap the sides
+                w, h = h, w
+            return h, w
+    except FileNotFoundError:
+        raise InputError(f"{what} file not found: {path}") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise InputError(f"cannot read {what} {path}: {exc}") from None
+
+
+def check_inputs(args, work) -> list[tuple[int, int]]:
+    """Every composite and mask opens, and each mask fits its composite (same size or aspect ratio)."""
+    sizes = []
+    for comp, mask, _ in work:
+        ch, cw = image_size(comp, "composite")
+        mh, mw = image_size(mask, "mask")
+        if (mh, mw) != (ch, cw) and abs((mw / mh) / (cw / ch) - 1.0) > images.ASPECT_TOLERANCE:
+            raise InputError(f"mask {mask} is {mw}x{mh} (WxH) but composite {comp} is {cw}x{ch}: expected a mask "
+                             f"of the composite's size (or its aspect ratio)")
+        sizes.append((ch, cw))
+    return sizes
+
+
+def check_model_paths(args) -> None:
+    if args.model is not None and not Path(args.model).exists():
+        raise InputError(f"model not found: {args.model} (expected the DiffHarmony archive folder, a diffusers "
+                         f"inpainting folder or a .safetensors checkpoint)")
+    for flag, value in (("--refiner", args.refiner), ("--tokenizer", args.tokenizer)):
+        if value and not Path(value).is_dir():
+            raise InputError(f"{flag} {value}: folder not found")
+
+
+def validate(args):
+    """All checks that need no model, before any work: paths, numbers, device, memory, input files.
+    Returns the jobs to run (folder mode: without those whose output exists, unless --no-skip-existing)."""
+    check_model_paths(args)
+    device = check_device(args.device)
+    check_numbers(args, device)
+    folder_mode = Path(args.composite).is_dir()
+    check_output(args, folder_mode)
+    work = jobs(args)
+    if folder_mode and args.skip_existing:
+        done = [out for _, _, out in work if out.exists()]
+        if done:
+            print(f"skipping {len(done)} composite(s) whose output already exists in {args.output} "
+                  f"(--no-skip-existing computes them again)")
+        work = [job for job in work if not job[2].exists()]
+    sizes = check_inputs(args, work)
+    check_memory(args, device, sizes)
+    return work
 
 
 def find_mask(composite: Path, mask_dir: Path) -> Path:
@@ -137,11 +311,22 @@ def diffharmony(args, work) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        work = jobs(args)
-        (color_match if args.method == "color-match" else diffharmony)(args, work)
+        work = validate(args)
+        if work:
+            (color_match if args.method == "color-match" else diffharmony)(args, work)
     except (InputError, WeightsError) as exc:
         print(f"comfyui-harmonize: error: {exc}", file=sys.stderr)
         return 2
+    except PermissionError as exc:
+        print(f"comfyui-harmonize: error: permission denied: {exc.filename or exc}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print(f"comfyui-harmonize: error: out of memory on {args.device} at --resolution {args.resolution}; try a "
+              f"smaller --resolution", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("comfyui-harmonize: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
