@@ -12,7 +12,9 @@ colour-match node gives; pipelines/color/match.py).
 
 Outputs in ``--out``:
 - ``run.json``: the settings that determine the results; a folder never mixes results of other settings;
-- ``parts/part-<rank>.csv``: rows appended (and flushed) as images finish; they make the run resumable;
+- ``parts/part-<rank>.csv``: rows appended (and flushed) as images finish, each only after its image was
+  saved (with ``--save-images``); they make the run resumable, and a resumed run computes again every image
+  whose row or saved image is missing;
 - ``per_image.csv``: every image of the list in list order (regenerated from the parts at the end);
 - ``summary.md`` / ``summary.json``: Table 1 layout (per subset and all: PSNR / MSE / fMSE, plus bMSE) and
   the foreground-ratio table (MSE / fMSE per bucket);
@@ -153,6 +155,13 @@ def read_rows(out: Path) -> dict[str, dict]:
             if _valid(row):
                 rows[row["name"]] = {k: row[k] for k in FIELDS}
     return rows
+
+
+def finished(out: Path, rows: dict[str, dict], save_images: bool) -> set[str]:
+    """Names that need no new run: a row exists and, when images are saved, so does the image."""
+    if not save_images:
+        return set(rows)
+    return {name for name in rows if (out / "images" / f"{name}.png").is_file()}
 
 
 class PartWriter:
@@ -301,7 +310,7 @@ def run(args: argparse.Namespace, on_image: Callable[[str], None] | None = None)
     if state.is_main_process:
         check_out_folder(out, settings)
     state.wait_for_everyone()
-    done = read_rows(out)
+    done = finished(out, read_rows(out), args.save_images)
     todo = [s for s in samples if s.name not in done]
     mine = todo[state.process_index::state.num_processes]
     metric_size = args.metric_size or None
@@ -317,9 +326,9 @@ def run(args: argparse.Namespace, on_image: Callable[[str], None] | None = None)
                 result = method(d["composite"], d["mask"], seed)
                 values = metrics.image_metrics(result, d["real"], d["mask"], size=metric_size,
                                                quantize=not args.no_quantize)
-                writer.write(make_row(s, values, seed))
-                if args.save_images:
+                if args.save_images:  # the image first: a row is the record that the image is complete
                     save_png(result, out / "images" / f"{s.name}.png")
+                writer.write(make_row(s, values, seed))
                 if on_image is not None:
                     on_image(s.name)
         finally:
@@ -379,6 +388,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--model is required for --method diffharmony")
     if args.metric_size < 0:
         p.error("--metric-size must be >= 0")
+    if args.max_side is not None and args.max_side < 8:
+        p.error(f"--max-side {args.max_side}: expected a long side of at least 8 pixels (leave it out to keep "
+                f"the images' own size)")
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit {args.limit}: expected at least 1 composite per subset")
+    if not 0 <= args.seed < 2**63:
+        p.error(f"--seed {args.seed}: expected 0..2**63-1")
+    if args.method == "diffharmony":
+        if not 1 <= args.steps <= 1000:
+            p.error(f"--steps {args.steps}: expected 1..1000 (the paper: 5)")
+        if args.resolution % 8 or not 8 <= args.resolution <= 16384:
+            p.error(f"--resolution {args.resolution}: expected a multiple of 8 in 8..16384 (the paper: 512 or 1024)")
+        if args.refine_resolution % 16 or not 16 <= args.refine_resolution <= 16384:
+            p.error(f"--refine-resolution {args.refine_resolution}: expected a multiple of 16 in 16..16384 "
+                    f"(the paper: 256)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file; expected an output folder")
     return args
 
 
