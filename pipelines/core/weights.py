@@ -14,6 +14,54 @@ from .errors import WeightsError
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+UNSAFE = "refused: this file would execute code when loaded"
+ONLY_TENSORS = "Only plain tensor checkpoints (.safetensors, or .bin/.pt/.ckpt holding only tensors) are accepted."
+
+
+def is_code_pickle(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch's safe unpickler refusing a pickle that holds Python objects (code to run),
+    as opposed to a file that is not a pickle at all."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "unsupported global" in text.lower():
+        return True
+    return "Weights only load failed" in text and any(
+        k in text for k in ("Unsupported global", "Unsupported operand", "GLOBAL", "Unsupported class"))
+
+
+def without_unsafe_advice(text: str) -> str:
+    """torch/transformers messages suggest ``weights_only=False``, i.e. running the pickle: never repeat it."""
+    for marker in ("In PyTorch 2.6", "Re-running `torch.load`", "weights_only=False", "set `weights_only"):
+        cut = text.find(marker)
+        if cut >= 0:
+            text = text[:cut]
+    return text.strip().rstrip(".:") or "unreadable"
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def load_error(exc: BaseException, path, model: str | None = None) -> WeightsError:
+    """One WeightsError for any failure to read a weights or config file: it names the file (and the
+    model it belongs to) and says which kind of failure it was."""
+    where = f"{path}" + (f" (model {model})" if model else "")
+    if isinstance(exc, WeightsError):
+        return exc
+    if isinstance(exc, PermissionError):
+        return WeightsError(f"cannot read {where}: permission denied. Give the user running ComfyUI read access.")
+    if isinstance(exc, FileNotFoundError):
+        return WeightsError(f"file not found: {where}")
+    if any(is_code_pickle(e) for e in _chain(exc)):  # diffusers wraps torch's refusal in its own error
+        return WeightsError(f"{UNSAFE}: {where}. {ONLY_TENSORS}")
+    if isinstance(exc, ValueError) and ("JSON" in str(exc) or type(exc).__name__ == "JSONDecodeError"):
+        return WeightsError(f"{where}: a config file is not valid JSON ({without_unsafe_advice(str(exc))})")
+    if isinstance(exc, OSError) and exc.errno and exc.strerror:
+        return WeightsError(f"cannot read {where}: {exc.strerror}")
+    return WeightsError(f"could not load {where}: {without_unsafe_advice(str(exc))}")
 
 
 def load_state_dict(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, torch.Tensor]:
@@ -33,15 +81,13 @@ def load_state_dict(path: str | os.PathLike, map_location: str = "cpu") -> dict[
             )
     except WeightsError:
         raise
-    except pickle.UnpicklingError as exc:
-        if "unsupported global" not in str(exc).lower():  # not a pickle of tensors at all: garbage bytes
-            raise WeightsError(f"could not read weights file {path}: it is corrupt or not a checkpoint ({exc})") from exc
-        raise WeightsError(
-            f"refused to load {path}: it contains Python objects other than tensors, and loading it would "
-            f"execute code. Only plain tensor checkpoints (or .safetensors) are accepted. ({exc})"
-        ) from exc
-    except Exception as exc:  # corrupt / truncated / not a checkpoint at all
-        raise WeightsError(f"could not read weights file {path}: it is corrupt or not a checkpoint ({exc})") from exc
+    except (PermissionError, IsADirectoryError) as exc:
+        raise load_error(exc, path) from None
+    except Exception as exc:  # corrupt / truncated / not a checkpoint at all, or a pickle carrying code
+        if is_code_pickle(exc):
+            raise WeightsError(f"{UNSAFE}: {path} holds Python objects other than tensors. {ONLY_TENSORS}") from None
+        raise WeightsError(f"could not read weights file {path}: it is corrupt or not a checkpoint "
+                           f"({without_unsafe_advice(str(exc))})") from exc
     if not isinstance(obj, dict):
         raise WeightsError(f"{path} does not hold a state dict (found {type(obj).__name__})")
     return obj

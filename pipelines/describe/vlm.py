@@ -44,6 +44,7 @@ from ..core import cancel as cancelling
 from ..core import images as im, model_files
 from .descriptions import EXAMPLE, FORMAT, Description, DescriptionSet, parse_descriptions, quote, vocabulary_text
 from ..core.errors import InputError, WeightsError
+from ..core.weights import UNSAFE, load_error, without_unsafe_advice
 
 BACKENDS = ("ollama", "transformers", "gemini", "manual")
 MASK_MODES = ("auto", "overlay", "second image")
@@ -503,8 +504,12 @@ def load_local_model(folder: str, dtype: torch.dtype) -> LocalModel:
         try:
             processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
             model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, **_dtype_kwarg(dtype))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise WeightsError(f"cannot load a vision-language model from {folder}: {exc}. Expected a transformers "
+        except Exception as exc:  # noqa: BLE001 - every loading failure becomes one message naming the folder
+            err = load_error(exc, folder)
+            if err.args[0].startswith((UNSAFE, "cannot read")):
+                raise err from None
+            raise WeightsError(f"cannot load a vision-language model from {folder}: "
+                               f"{without_unsafe_advice(str(exc))}. Expected a transformers "
                                f"image-text-to-text model folder (config.json, weights, processor and tokenizer "
                                f"files).") from None
         if not hasattr(processor, "apply_chat_template") or not getattr(processor, "chat_template", None):

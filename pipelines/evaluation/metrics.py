@@ -85,14 +85,14 @@ def prepare(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, size: int 
     pred = images.image_batch(pred, "harmonized image")
     gt = images.image_batch(gt, "ground-truth image")
     gh, gw = gt.shape[1:3]
-    mask = images.mask_batch(mask, gh, gw, "mask")
-    if size is None and tuple(pred.shape[1:3]) != (gh, gw):
+    if size is None and tuple(pred.shape[1:3]) != (gh, gw):  # the images first: the mask is not to blame
         raise InputError(
             f"the harmonized image is {pred.shape[2]}x{pred.shape[1]} but the ground truth is {gw}x{gh}; "
             f"give a metric size (e.g. 256) to compare images of different sizes")
-    pred, gt = images.match_batches(pred, gt)
+    pred, gt = images.match_batches(pred, gt, ("harmonized", "ground_truth"))
+    mask = images.mask_batch(mask, gh, gw, "mask (at the ground truth's size)")
     gt, mask = images.match_batches(gt, mask)
-    pred, gt = images.match_batches(pred, gt)
+    pred, gt = images.match_batches(pred, gt, ("harmonized", "ground_truth"))
     binary = (mask >= threshold).to(torch.float32)
     if size is not None and (gh, gw) != (size, size):
         binary = F.interpolate(binary[:, None], size=(size, size), mode="nearest-exact")[:, 0]

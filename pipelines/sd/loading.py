@@ -21,7 +21,7 @@ import torch
 # diffusers and transformers are imported where first used: importing them adds seconds to ComfyUI's start-up
 # (which imports every node module), while a graph that never loads this model does not need them.
 from ..core.errors import WeightsError
-from ..core.weights import own_memory
+from ..core.weights import UNSAFE, load_error, own_memory
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
@@ -102,8 +102,9 @@ def _from_pretrained(cls, folder: Path, subfolder: str, dtype: torch.dtype):
         raise WeightsError(f"{sub}/config.json is missing: expected a {cls.__name__} in {sub}")
     try:
         return cls.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
-    except Exception as exc:
-        raise WeightsError(f"could not load {cls.__name__} from {sub}: {exc}") from exc
+    except Exception as exc:  # one message per kind of failure, naming the folder and the model
+        err = load_error(exc, sub, str(folder))
+        raise err from (None if err.args[0].startswith(UNSAFE) else exc)
 
 
 def load_diffusers_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -121,7 +122,12 @@ def load_diffusers_folder(path: str | os.PathLike, dtype: torch.dtype = torch.fl
     sched_file = folder / "scheduler" / "scheduler_config.json"
     if not sched_file.is_file():
         raise WeightsError(f"{sched_file} is missing: expected the scheduler config of the pipeline")
-    scheduler_config = json.loads(sched_file.read_text())
+    try:
+        scheduler_config = json.loads(sched_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise load_error(exc, sched_file, str(folder)) from None
+    if not isinstance(scheduler_config, dict):
+        raise WeightsError(f"{sched_file} (model {folder}) holds no scheduler config (a JSON object expected)")
     for m in (unet, vae, text_encoder):
         own_memory(m).eval().requires_grad_(False)
     return SDComponents(unet, vae, text_encoder, tokenizer, scheduler_config, str(folder), dtype)
