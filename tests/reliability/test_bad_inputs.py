@@ -33,6 +33,7 @@ from comfyui_harmonize.commands import harmonize as cli
 from comfyui_harmonize.nodes import color as color_nodes
 from comfyui_harmonize.pipelines.color import lut, restore, transfer
 from comfyui_harmonize.pipelines.core import image_io, images
+from comfyui_harmonize.pipelines.core import weights as weights_module
 from comfyui_harmonize.pipelines.core.errors import InputError, WeightsError
 from comfyui_harmonize.pipelines.core.weights import UNSAFE, load_state_dict
 from comfyui_harmonize.pipelines.describe import vlm
@@ -272,7 +273,9 @@ def _unreadable_weights(sb):
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied", str(path))
 
-    sb.monkeypatch.setattr(safetensors.torch, "load_file", denied)
+    sb.monkeypatch.setattr(safetensors.torch, "load_file", denied)  # (root reads any file: simulate the refusal)
+    if hasattr(weights_module, "load_file"):
+        sb.monkeypatch.setattr(weights_module, "load_file", denied)
     return load_state_dict(path)
 
 
