@@ -59,7 +59,7 @@ def bare_loop(sd, image, mask, seed, steps, res):
     size = (round(h * s / 8) * 8, round(w * s / 8) * 8)
     x = (F.interpolate(image.permute(0, 3, 1, 2), size=size, mode="bilinear", antialias=True) * 2 - 1)
     sf = sd.vae.config.scaling_factor
-    cond = sd.vae.encode(x.to(device, dtype)).latent_dist.sample(torch.Generator().manual_seed(seed)) * sf
+    cond = sd.vae.encode(x.to(device, dtype)).latent_dist.sample(dh.generator(seed, "encode")) * sf
     m = F.interpolate((mask >= 0.5).float()[:, None], size=cond.shape[-2:], mode="nearest").to(device, dtype)
     ids = sd.tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
     emb = sd.text_encoder(ids)[0]

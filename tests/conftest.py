@@ -19,12 +19,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory) -> Path:
-    """models/ with diffharmony/DiffHarmony (the authors' archive layout: base/ with .bin weights +
-    refinement/) and diffusers/tiny-inpaint (the same weights as safetensors)."""
+    """models/ with diffharmony/DiffHarmony (the authors' archive layout: base/ with .bin weights,
+    refinement/, condition_vae/, inverse/) and diffusers/tiny-inpaint (base/'s weights as safetensors)."""
     root = tmp_path_factory.mktemp("models")
     archive = root / "diffharmony" / "DiffHarmony"
     tiny_models.save_diffusers_pipeline(archive / "base", in_channels=9, weights="bin")
     write_refiner(archive / "refinement")
+    tiny_models.write_condition_vae(archive / "condition_vae")
+    tiny_models.write_inverse(archive / "inverse")
     tiny_models.save_diffusers_pipeline(root / "diffusers" / "tiny-inpaint", in_channels=9)
     tiny_models.save_diffusers_pipeline(root / "diffusers" / "tiny-txt2img", in_channels=4)
     (root / "checkpoints").mkdir()

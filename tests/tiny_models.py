@@ -349,3 +349,70 @@ def write_refiner(folder: Path, in_channels: int = 7, seed: int = 5) -> Path:
     (folder / "config.json").write_text(json.dumps(cfg))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
     return folder
+
+
+# --- the DiffHarmony archive's condition_vae/ and inverse/ ----------------------------------------------------
+# condition_vae/: the authors' ConditionVAE as their save_pretrained writes it (config.json = the base VAE's
+# AutoencoderKL fields + additional_in_channels; diffusion_pytorch_model.safetensors). The state dict is written
+# here from the facts of their code, independently of the pack's model class: encoder/decoder/quant convs are
+# an AutoencoderKL's; conditional_encoder repeats the encoder's layers and adds add_conv_in (the mask channel),
+# one 1x1 skip conv per down-path state (conv_in's output, each resnet, each downsampler; the one after a
+# downsampler maps to the next level's width) and mid_block_skip_conv; latent_skip_conv is 1x1 on the latent.
+
+def condition_vae_config() -> dict:
+    return {"_class_name": "ConditionVAE", "_diffusers_version": "0.26.3", **vae_config(),
+            "act_fn": "silu", "additional_in_channels": 1, "scaling_factor": 0.18215, "force_upcast": True}
+
+
+def condition_vae_state_dict(seed: int = 7, zero_skips: bool = False, vae_seed: int = 1) -> dict:
+    """Random weights under the authors' parameter names, the encoder a copy of the tiny archive's base/vae
+    (``tiny_vae(1)``), as their training keeps it. Skip convs are random (so a test sees them act) unless
+    ``zero_skips``, as the authors' training starts them."""
+    cfg = vae_config()
+    vae = tiny_vae(vae_seed)
+    g = torch.Generator().manual_seed(seed + 100)
+
+    def rnd(*shape, scale=0.1):
+        return torch.randn(*shape, generator=g) * scale
+
+    sd = {}
+    for part in ("encoder", "decoder", "quant_conv", "post_quant_conv"):
+        sd.update({f"{part}.{k}": v.clone() for k, v in getattr(vae, part).state_dict().items()})
+    for k, v in vae.encoder.state_dict().items():  # the conditional encoder: the encoder's layers, own weights
+        sd[f"conditional_encoder.{k}"] = v + rnd(*v.shape, scale=0.02)
+    ch, lat = cfg["block_out_channels"], cfg["latent_channels"]
+    sd["conditional_encoder.add_conv_in.weight"] = rnd(ch[0], 1, 3, 3)
+    sd["conditional_encoder.add_conv_in.bias"] = rnd(ch[0])
+    widths = [(ch[0], ch[0])]
+    for i, c in enumerate(ch):
+        widths += [(c, c)] * cfg["layers_per_block"]
+        if i < len(ch) - 1:
+            widths.append((c, ch[i + 1]))
+    skip_names = [(f"conditional_encoder.down_block_skip_convs.{i}", w) for i, w in enumerate(widths)]
+    skip_names += [("conditional_encoder.mid_block_skip_conv", (ch[-1], ch[-1])), ("latent_skip_conv", (lat, lat))]
+    for name, (c_in, c_out) in skip_names:
+        scale = 0.0 if zero_skips else 0.1
+        sd[f"{name}.weight"] = rnd(c_out, c_in, 1, 1, scale=scale)
+        sd[f"{name}.bias"] = rnd(c_out, scale=scale)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def write_condition_vae(folder: Path, seed: int = 7, zero_skips: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(condition_vae_config()))
+    save_file(condition_vae_state_dict(seed, zero_skips), folder / "diffusion_pytorch_model.safetensors")
+    return folder
+
+
+def write_inverse(folder: Path, seed: int = 11, step: int = 1000) -> Path:
+    """inverse/ ("diffharmony-gen"): the UNet trained real -> composite, saved by the authors' training script
+    as ``weights-<step>/`` (UNet2DConditionModel.save_pretrained: config.json + safetensors)."""
+    folder = Path(folder)
+    unet = tiny_unet(9, seed)
+    with torch.no_grad():  # a visibly different model from base/'s
+        unet.conv_out.weight.mul_(3.0)
+    unet.save_pretrained(folder / f"weights-{step}", safe_serialization=True)
+    return folder

@@ -9,13 +9,16 @@ As the official inference code does it (reference/diffharmony.md):
   step); the text condition is the CLIP embedding of the empty prompt (computed once, cached);
 - decode, ``(x / 2 + 0.5).clamp(0, 1)``.
 Differences, by design: the working size keeps the aspect ratio (long side = resolution, sides multiples of
-8; ``square=True`` gives the official square resize); each stage draws from its own generator seeded with
-the stage's seed (the official script threads one generator through encode, initial noise and sampler
-steps), so the stage nodes and the all-in-one node give the same result for the same seed.
+8; ``square=True`` gives the official square resize); each stage draws from its own random stream derived
+from the one seed (``stream_seed``), so the stage nodes and the all-in-one node give the same result for the
+same seed. The official script threads one generator through start noise, the encode draw, the sampler steps
+and the condition VAE's draw; seeding each stage's generator with the seed itself would make the encode draw
+and the start noise the same tensor (both are the first draw of the same stream), so they are derived apart.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 from typing import Callable
 
@@ -37,12 +40,38 @@ DEFAULT_STEPS = 5
 DEFAULT_RESOLUTION = 1024
 VAE_TILING_ABOVE = 2048  # working long side (px) above which the VAE runs in overlapping tiles
 Callback = Callable[[int, int], None]
+STREAMS = ("noise", "encode", "condition")
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """The seed of one random stream of a run, derived from the user's seed.
+
+    ``noise`` (start noise, then one draw per ancestral step) uses the seed itself; every other stream
+    (``encode``: the VAE-posterior draw of the composite; ``condition``: the condition VAE's posterior draw)
+    uses the first 8 bytes (little-endian, top bit cleared) of SHA-256 of ``"<seed>/<stream>"``. The streams
+    are thus independent, yet fixed by the one seed, whichever nodes run them."""
+    if stream not in STREAMS:
+        raise InputError(f"unknown random stream {stream!r}; expected one of {', '.join(STREAMS)}")
+    if stream == "noise":
+        return int(seed)
+    digest = hashlib.sha256(f"{int(seed)}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def generator(seed: int, stream: str) -> torch.Generator:
+    """A CPU generator for ``stream`` of a run with ``seed`` (see ``stream_seed``)."""
+    return torch.Generator("cpu").manual_seed(stream_seed(seed, stream))
 
 
 def load_diffharmony(path, dtype: torch.dtype = torch.float32, tokenizer_dir=None) -> SDComponents:
     """Load the DiffHarmony archive (``base/``), a diffusers inpainting folder or a single-file inpainting
     checkpoint, and check it is a 9-channel inpainting UNet."""
     sd = load_sd(path, dtype=dtype, tokenizer_dir=tokenizer_dir)
+    check_inpainting(sd)
+    return sd
+
+
+def check_and_return(sd: SDComponents) -> SDComponents:
     check_inpainting(sd)
     return sd
 
@@ -90,7 +119,8 @@ def prompt_embedding(sd: SDComponents, prompt: str = "") -> torch.Tensor:
 def vae_tiling(vae, long_side: int):
     """diffusers' tiled VAE for working sizes above ``VAE_TILING_ABOVE`` (memory stays bounded at 2-4k px);
     the paper's 512/1024 path is untouched. The model's own setting is restored afterwards."""
-    turn_on = long_side > VAE_TILING_ABOVE and not getattr(vae, "use_tiling", False)
+    turn_on = (long_side > VAE_TILING_ABOVE and hasattr(vae, "enable_tiling")
+               and not getattr(vae, "use_tiling", False))
     if turn_on:
         vae.enable_tiling()
     try:
@@ -106,19 +136,29 @@ def working_size(height: int, width: int, resolution: int, square: bool, sd: SDC
 
 @torch.no_grad()
 def encode(sd: SDComponents, image: torch.Tensor, resolution: int = DEFAULT_RESOLUTION, seed: int = 0,
-           square: bool = False, sample: bool = True, cancel: cancelling.Cancel = None) -> torch.Tensor:
+           square: bool = False, sample: bool = True, vae=None, cancel: cancelling.Cancel = None) -> torch.Tensor:
     """IMAGE ``[B,H,W,3]`` -> UNSCALED latents ``[B,4,h/8,w/8]`` of the composite at the working size.
-    ``sample=True`` draws from the latent distribution with a generator seeded with ``seed`` (official);
-    ``False`` takes its mode. ``cancel`` is checked before every block of the VAE encoder."""
+    ``sample=True`` draws from the latent distribution with the ``encode`` stream of ``seed`` (official: a
+    sample); ``False`` takes its mode. ``vae`` encodes instead of the model's own (the authors' pipeline
+    encodes with the condition VAE's encoder when it decodes with one). ``cancel`` is checked before every
+    block of the VAE encoder."""
     image = images.image_batch(image)
     size = working_size(image.shape[1], image.shape[2], resolution, square, sd)
-    device, dtype = module_device(sd.vae), sd.vae.dtype
-    x = images.to_signed(images.resize_images(image, size)).to(device=device, dtype=dtype)
-    with vae_tiling(sd.vae, max(size)), cancelling.inside(sd.vae, cancel):
-        dist = sd.vae.encode(x).latent_dist
+    return encode_signed(vae if vae is not None else sd.vae, images.to_signed(images.resize_images(image, size)),
+                         seed, sample, cancel)
+
+
+@torch.no_grad()
+def encode_signed(vae, x: torch.Tensor, seed: int = 0, sample: bool = True,
+                  cancel: cancelling.Cancel = None) -> torch.Tensor:
+    """``[B,3,H,W]`` in [-1, 1] at the working size -> UNSCALED latents (see ``encode``)."""
+    x = x.to(device=module_device(vae), dtype=vae.dtype)
+    with vae_tiling(vae, max(x.shape[-2:])), cancelling.inside(vae, cancel):
+        dist = vae.encode(x).latent_dist
     if not sample:
         return dist.mode().float().cpu()
-    return dist.sample(generator=torch.Generator("cpu").manual_seed(int(seed))).float().cpu()
+    noise = torch.randn(dist.mean.shape, generator=generator(seed, "encode"), dtype=torch.float32)
+    return (dist.mean + dist.std * noise.to(device=dist.mean.device, dtype=dist.mean.dtype)).float().cpu()
 
 
 def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
@@ -162,7 +202,7 @@ def sample(sd: SDComponents, composite_latents: torch.Tensor, mask_latent: torch
 
     sched = make_scheduler(scheduler, sd.scheduler_config)
     sched.set_timesteps(steps, device=device)
-    gen = torch.Generator("cpu").manual_seed(int(seed))
+    gen = generator(seed, "noise")
     latents = torch.randn((b, sd.latent_channels, h, w), generator=gen, dtype=torch.float32)
     latents = (latents * sched.init_noise_sigma).to(device=device, dtype=dtype)
     step_kwargs = {"generator": gen} if "generator" in inspect.signature(sched.step).parameters else {}
@@ -190,27 +230,44 @@ def decode(sd: SDComponents, latents: torch.Tensor, cancel: cancelling.Cancel = 
     return images.from_signed(x)
 
 
+@torch.no_grad()
+def decode_with_condition(cvae, latents: torch.Tensor, composite: torch.Tensor, mask: torch.Tensor,
+                          seed: int = 0, cancel: cancelling.Cancel = None) -> torch.Tensor:
+    """UNSCALED latents -> IMAGE with DiffHarmony's condition VAE (condition_vae.py): the decoder also sees
+    the whole composite and the binarised mask, resized to the working size the latents have (8x their size,
+    so the composite is resized exactly as ``encode`` resized it, keep-aspect or square); the condition's
+    posterior is sampled from the ``condition`` stream of ``seed``, as the authors' pipeline samples it."""
+    from . import condition_vae as cv
+
+    with cancelling.inside(cvae, cancel):
+        return cv.decode(cvae, latents, composite, mask, generator=generator(seed, "condition"))
+
+
 def harmonize(sd: SDComponents, image: torch.Tensor, mask: torch.Tensor, seed: int = 0,
               steps: int = DEFAULT_STEPS, resolution: int = DEFAULT_RESOLUTION, scheduler: str = "euler_ancestral",
               guidance: float = 1.0, square: bool = False, refiner=None, refine_resolution: int = 256,
               feather: int = 0, detail: str = "resample", callback: Callback | None = None,
-              cancel: cancelling.Cancel = None) -> torch.Tensor:
+              cancel: cancelling.Cancel = None, condition_vae=None) -> torch.Tensor:
     """The whole system: encode -> mask to latent size -> sample -> decode -> (refine) -> restore.
 
-    Returns an IMAGE at the composite's size with the background (mask == 0) bit-identical to the input.
-    Composites whose mask is empty are returned unchanged (with a warning). ``callback`` is called after
-    every sampler step; ``cancel`` is checked inside the encode, decode and refiner passes and per strip of
-    the paste (see the stages).
+    With ``condition_vae`` the composite is encoded with its encoder and the result decoded with it, as the
+    authors' pipeline does when given one. Returns an IMAGE at the composite's size with the background
+    (mask == 0) bit-identical to the input. Composites whose mask is empty are returned unchanged (with a
+    warning). ``callback`` is called after every sampler step; ``cancel`` is checked inside the encode,
+    decode and refiner passes and per strip of the paste (see the stages).
     """
 
     image, mask = images.image_and_mask(image, mask)
     empty = images.warn_empty(mask, "DiffHarmony")
     if bool(empty.all()):
         return image.clone()
-    latents = encode(sd, image, resolution, seed, square, cancel=cancel)
+    latents = encode(sd, image, resolution, seed, square, vae=condition_vae, cancel=cancel)
     m = latent_mask(mask, latents.shape[-2:])
     out = sample(sd, latents, m, seed, steps, scheduler, guidance, callback=callback)
-    harmonized = decode(sd, out, cancel)
+    if condition_vae is None:
+        harmonized = decode(sd, out, cancel)
+    else:
+        harmonized = decode_with_condition(condition_vae, out, image, mask, seed, cancel)
     if refiner is not None:
         harmonized = refine(refiner, harmonized, image, mask, refine_resolution, device=module_device(refiner),
                             square=square, cancel=cancel)

@@ -33,6 +33,14 @@ def refiner(archive):
     return rf.load_refiner(archive / "refinement")
 
 
+def encode_stream_seed(seed: int) -> int:
+    """The documented derivation of the encode draw's seed: SHA-256 of "<seed>/encode", first 8 bytes
+    little-endian, top bit cleared (the start noise and sampler steps use the seed itself)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}/encode".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
 def reference_harmonize(sd, refiner, image, mask, seed, steps, res, refine_res):
     """DiffHarmony as reference/diffharmony.md describes it, written plainly with diffusers."""
     from diffusers import EulerAncestralDiscreteScheduler
@@ -43,7 +51,7 @@ def reference_harmonize(sd, refiner, image, mask, seed, steps, res, refine_res):
     x = F.interpolate(image.permute(0, 3, 1, 2), size=size, mode="bilinear", antialias=True).clamp(0, 1) * 2 - 1
     sf = sd.vae.config.scaling_factor
     with torch.no_grad():
-        cond = sd.vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(seed)) * sf
+        cond = sd.vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(encode_stream_seed(seed))) * sf
         m = F.interpolate((mask >= 0.5).float()[:, None], size=cond.shape[-2:], mode="nearest")
         ids = sd.tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
         emb = sd.text_encoder(ids)[0]
