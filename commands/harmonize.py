@@ -34,6 +34,7 @@ from ..pipelines.core.errors import InputError, WeightsError
 from ..pipelines.color.restore import DETAIL_MODES
 
 METHODS = ("diffharmony", "color-match")
+DECODERS = ("vae", "condition-vae")
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -50,6 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-o", "--output", required=True, help="output file, or folder for folder input")
     p.add_argument("--refiner", help="refinement folder (default: MODEL/refinement when it exists)")
     p.add_argument("--no-refine", action="store_true", help="skip the refinement stage")
+    p.add_argument("--decoder", choices=DECODERS, default="vae",
+                   help="vae: the model's VAE decodes; condition-vae: the archive's condition_vae/ decodes while "
+                        "also seeing the composite (keeps fine detail)")
+    p.add_argument("--condition-vae", help="condition_vae/ folder for --decoder condition-vae (default: beside "
+                                           "MODEL's base/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=dh.DEFAULT_STEPS)
     p.add_argument("--scheduler", choices=dh.SCHEDULERS, default="euler_ancestral")
@@ -295,6 +301,11 @@ def diffharmony(args, work) -> None:
         from ..pipelines.diffharmony.refiner import load_refiner
 
         refiner = load_refiner(ref_path, dtype).to(device)
+    cvae = None
+    if args.decoder == "condition-vae":
+        from ..pipelines.diffharmony.condition_vae import load_condition_vae
+
+        cvae = load_condition_vae(args.condition_vae or sd.source, dtype).to(device)
     bar = tqdm(total=len(work) * args.steps, unit="step", disable=None)
     for comp, mask, out in work:
         bar.set_description(comp.name)
@@ -302,7 +313,7 @@ def diffharmony(args, work) -> None:
                               steps=args.steps, resolution=args.resolution, scheduler=args.scheduler,
                               guidance=args.guidance, square=args.square, refiner=refiner,
                               refine_resolution=args.refine_resolution, feather=args.feather,
-                              detail=args.detail, callback=lambda i, n: bar.update(1))
+                              detail=args.detail, callback=lambda i, n: bar.update(1), condition_vae=cvae)
         written = image_io.save_image(result, out)
         bar.write(f"{comp} -> {written}")
     bar.close()

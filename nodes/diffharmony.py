@@ -6,9 +6,13 @@ import torch
 from ..pipelines.diffharmony import pipeline as dh
 from ..pipelines.sd import loading
 from ..pipelines.diffharmony import refiner as rf
+from ..pipelines.diffharmony import condition_vae as cv
+from ..pipelines.diffharmony import inverse as inv
+from ..pipelines.core.errors import InputError
 from . import host
-from .widgets import (DETAIL, DIFFHARMONY_GUIDANCE, DIFFHARMONY_MODEL, DIFFHARMONY_RESOLUTION, DIFFHARMONY_STEPS,
-                      DTYPE, FEATHER, FIT, FITS, REFINE_RESOLUTION, REFINER, SCHEDULER, SEED)
+from .widgets import (CONDITION_VAE, DECODER, DECODERS, DETAIL, DIFFHARMONY_GUIDANCE, DIFFHARMONY_MODEL,
+                      DIFFHARMONY_RESOLUTION, DIFFHARMONY_STEPS, DTYPE, FEATHER, FIT, FITS, REFINE_RESOLUTION,
+                      REFINER, SCHEDULER, SEED)
 
 CATEGORY = "harmonize/DiffHarmony"
 ALIASES = ("harmonize", "harmonization", "diffharmony", "color match", "relight", "composite", "blend")
@@ -20,6 +24,38 @@ def _model_choices() -> dict[str, object]:
 
 def _refiner_choices() -> dict[str, object]:
     return {f"diffharmony/{k}": v for k, v in rf.find_refiners(host.model_roots("diffharmony")).items()}
+
+
+def _condition_vae_choices() -> dict[str, object]:
+    return {f"diffharmony/{k}": v for k, v in cv.find_condition_vaes(host.model_roots("diffharmony")).items()}
+
+
+def _inverse_choices() -> dict[str, object]:
+    """Archives (and other folders) under models/diffharmony that hold an inverse/ folder."""
+    found = {}
+    for root in host.model_roots("diffharmony"):
+        for name, path in loading.find_models([root], files=False).items():
+            if (path / inv.FOLDER).is_dir():
+                found[f"diffharmony/{name}"] = path
+    return found
+
+
+def _condition_vae_beside(sd: loading.SDComponents):
+    """The condition_vae/ beside the loaded model's base/ (loaded once, kept with the model)."""
+    if "condition_vae" not in sd.cache:
+        sd.cache["condition_vae"] = cv.load_condition_vae(sd.source, sd.dtype)
+    return sd.cache["condition_vae"]
+
+
+def _decoder(sd: loading.SDComponents, decoder: str, condition_vae=None):
+    """The condition VAE to decode with (on the device), or None for the model's own VAE."""
+    if decoder not in DECODERS:
+        raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if decoder == "vae":
+        return None
+    cvae = condition_vae if condition_vae is not None else _condition_vae_beside(sd)
+    host.load_to_device(cvae)
+    return cvae
 
 
 def _on_device(sd: loading.SDComponents) -> loading.SDComponents:
@@ -71,11 +107,16 @@ class HarmonizeDiffHarmonyEncode:
             "model": (DIFFHARMONY_MODEL, {"tooltip": "From the DiffHarmony loader."}),
             "composite": ("IMAGE", {"tooltip": "The composite image (foreground pasted on the background)."}),
             "resolution": DIFFHARMONY_RESOLUTION, "fit": FIT, "seed": SEED,
+        }, "optional": {
+            "condition_vae": (CONDITION_VAE, {"tooltip": "Encode with the condition VAE's encoder, as the authors' "
+                                                         "pipeline does when it decodes with one."}),
         }}
 
-    def encode(self, model, composite, resolution, fit, seed):
+    def encode(self, model, composite, resolution, fit, seed, condition_vae=None):
         sd = _on_device(model)
-        return ({"samples": dh.encode(sd, composite, resolution, seed, square=fit == FITS[1],
+        if condition_vae is not None:
+            host.load_to_device(condition_vae)
+        return ({"samples": dh.encode(sd, composite, resolution, seed, square=fit == FITS[1], vae=condition_vae,
                                       cancel=host.check_interrupt)},)
 
 
@@ -148,6 +189,108 @@ class HarmonizeDiffHarmonyDecode:
         return (dh.decode(_on_device(model), latent["samples"], cancel=host.check_interrupt),)
 
 
+class HarmonizeConditionVAELoader:
+    DESCRIPTION = ("Loads DiffHarmony's condition VAE (the archive's condition_vae/ folder, the authors' "
+                   "DiffHarmony++) from models/diffharmony: a VAE whose decoder also sees the composite.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (CONDITION_VAE,)
+    RETURN_NAMES = ("condition_vae",)
+    OUTPUT_TOOLTIPS = ("The condition VAE, for Condition-VAE Decode, the Encode node or the all-in-one node.",)
+    SEARCH_ALIASES = ALIASES + ("condition vae", "cvae", "diffharmony++", "loader", "sharp decode")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "condition_vae": (sorted(_condition_vae_choices()), {"tooltip": "A condition_vae/ folder (config.json "
+                                                                            "+ diffusion_pytorch_model.safetensors)."}),
+            "dtype": DTYPE,
+        }}
+
+    def load(self, condition_vae, dtype):
+        path = host.resolve_choice(condition_vae, _condition_vae_choices(), "condition VAE", ("diffharmony",))
+        return (cv.load_condition_vae(path, host.dtype_for(dtype)),)
+
+
+class HarmonizeConditionVAEDecode:
+    DESCRIPTION = ("Decodes the harmonized latent with DiffHarmony's condition VAE: its decoder also sees the "
+                   "whole composite and the mask at the working size, so text, faces and fine texture of the "
+                   "pasted object come back sharp. Its draw comes from the seed's own stream.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("harmonized",)
+    OUTPUT_TOOLTIPS = ("The harmonized image at the working size.",)
+    SEARCH_ALIASES = ALIASES + ("condition vae", "cvae", "vae decode", "decode", "sharp decode")
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "condition_vae": (CONDITION_VAE, {"tooltip": "From Harmonize: DiffHarmony Condition-VAE Loader."}),
+            "latent": ("LATENT", {"tooltip": "From Harmonize: DiffHarmony Sampler."}),
+            "composite": ("IMAGE", {"tooltip": "The composite the latent was encoded from (any size: it is "
+                                               "resized to the latent's working size)."}),
+            "mask": ("MASK", {"tooltip": "Foreground mask of the composite."}),
+            "seed": SEED,
+        }}
+
+    def decode(self, condition_vae, latent, composite, mask, seed):
+        host.load_to_device(condition_vae)
+        return (dh.decode_with_condition(condition_vae, latent["samples"], composite, mask, seed,
+                                         cancel=host.check_interrupt),)
+
+
+class HarmonizeInverseLoader:
+    DESCRIPTION = ("Loads DiffHarmony's inverse model (the archive's inverse/ folder, the authors' "
+                   "diffharmony-gen): the same pipeline trained to turn a real photo into an inharmonious "
+                   "composite. The VAE, text encoder and tokenizer come from base/ beside it.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (DIFFHARMONY_MODEL,)
+    RETURN_NAMES = ("inverse_model",)
+    OUTPUT_TOOLTIPS = ("The inverse model, for Harmonize: DiffHarmony Inverse (Make Composite) or the stage "
+                       "nodes.",)
+    SEARCH_ALIASES = ALIASES + ("inverse", "diffharmony-gen", "training data", "loader")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (sorted(_inverse_choices()), {"tooltip": "A DiffHarmony archive folder holding inverse/."}),
+            "dtype": DTYPE,
+        }}
+
+    def load(self, model, dtype):
+        path = host.resolve_choice(model, _inverse_choices(), "inverse model", ("diffharmony",))
+        return (inv.load_inverse(path, host.dtype_for(dtype), tokenizer_dir=host.comfy_tokenizer_dir()),)
+
+
+class HarmonizeMakeComposite:
+    DESCRIPTION = ("Turns a real photo + mask into an inharmonious composite of it with DiffHarmony's inverse "
+                   "model: the masked object is repainted to no longer fit, the photo is kept outside the mask. "
+                   "The photo is then the ground truth of the composite: training pairs from your own photos.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("composite",)
+    OUTPUT_TOOLTIPS = ("An inharmonious composite of the photo, at the photo's size.",)
+    SEARCH_ALIASES = ALIASES + ("inverse", "make composite", "training data", "augment")
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "inverse_model": (DIFFHARMONY_MODEL, {"tooltip": "From Harmonize: DiffHarmony Inverse Loader."}),
+            "real": ("IMAGE", {"tooltip": "A real (harmonious) photo."}),
+            "mask": ("MASK", {"tooltip": "The object to make inharmonious (white)."}),
+            "seed": SEED, "steps": DIFFHARMONY_STEPS, "resolution": DIFFHARMONY_RESOLUTION, "fit": FIT,
+        }}
+
+    def make(self, inverse_model, real, mask, seed, steps, resolution, fit):
+        sd = _on_device(inverse_model)
+        return (inv.make_composite(sd, real, mask, seed=seed, steps=steps, resolution=resolution,
+                                   square=fit == FITS[1], callback=host.Progress(steps),
+                                   cancel=host.check_interrupt),)
+
+
 class HarmonizeRefinerLoader:
     DESCRIPTION = "Loads DiffHarmony's refinement UNet (the archive's refinement/ folder) from models/diffharmony."
     CATEGORY = CATEGORY
@@ -215,26 +358,30 @@ class HarmonizeDiffHarmony:
             "mask": ("MASK", {"tooltip": "Foreground mask (white = the pasted object)."}),
             "seed": SEED, "steps": DIFFHARMONY_STEPS, "scheduler": SCHEDULER, "guidance": DIFFHARMONY_GUIDANCE,
             "resolution": DIFFHARMONY_RESOLUTION, "fit": FIT, "refine_resolution": REFINE_RESOLUTION,
-            "feather": FEATHER, "detail": DETAIL,
+            "feather": FEATHER, "detail": DETAIL, "decoder": DECODER,
         }, "optional": {
             "refiner": (REFINER, {"tooltip": "Optional refinement model (recommended)."}),
+            "condition_vae": (CONDITION_VAE, {"tooltip": "The condition VAE for decoder = condition vae (default: "
+                                                         "condition_vae/ beside the model's base/)."}),
         }}
 
     def harmonize(self, model, composite, mask, seed, steps, scheduler, guidance, resolution, fit,
-                  refine_resolution, feather, detail, refiner=None):
+                  refine_resolution, feather, detail, decoder="vae", refiner=None, condition_vae=None):
         sd = _on_device(model)
+        cvae = _decoder(sd, decoder, condition_vae)
         if refiner is not None:
             host.load_to_device(refiner)
         out = dh.harmonize(sd, composite, mask, seed=seed, steps=steps, resolution=resolution, scheduler=scheduler,
                            guidance=guidance, square=fit == FITS[1], refiner=refiner,
                            refine_resolution=refine_resolution, feather=feather, detail=detail,
-                           callback=host.Progress(steps), cancel=host.check_interrupt)
+                           callback=host.Progress(steps), cancel=host.check_interrupt, condition_vae=cvae)
         return (out,)
 
 
 NODE_CLASS_MAPPINGS = {c.__name__: c for c in (
     HarmonizeDiffHarmonyLoader, HarmonizeDiffHarmonyEncode, HarmonizeMaskToLatent, HarmonizeDiffHarmonySampler,
-    HarmonizeDiffHarmonyDecode, HarmonizeRefinerLoader, HarmonizeRefine, HarmonizeDiffHarmony)}
+    HarmonizeDiffHarmonyDecode, HarmonizeRefinerLoader, HarmonizeRefine, HarmonizeDiffHarmony,
+    HarmonizeConditionVAELoader, HarmonizeConditionVAEDecode, HarmonizeInverseLoader, HarmonizeMakeComposite)}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "HarmonizeDiffHarmonyLoader": "Harmonize: DiffHarmony Loader",
     "HarmonizeDiffHarmonyEncode": "Harmonize: DiffHarmony Encode",
@@ -244,4 +391,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "HarmonizeRefinerLoader": "Harmonize: Refiner Loader",
     "HarmonizeRefine": "Harmonize: Refine",
     "HarmonizeDiffHarmony": "Harmonize: DiffHarmony (all-in-one)",
+    "HarmonizeConditionVAELoader": "Harmonize: DiffHarmony Condition-VAE Loader",
+    "HarmonizeConditionVAEDecode": "Harmonize: DiffHarmony Condition-VAE Decode",
+    "HarmonizeInverseLoader": "Harmonize: DiffHarmony Inverse Loader",
+    "HarmonizeMakeComposite": "Harmonize: DiffHarmony Inverse (Make Composite)",
 }

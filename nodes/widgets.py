@@ -18,6 +18,7 @@ from . import host
 # of the same name can be connected by mistake.
 DIFFHARMONY_MODEL = "HARMONIZE_DIFFHARMONY_MODEL"  # pipelines.sd.loading.SDComponents (9-channel inpainting UNet)
 REFINER = "HARMONIZE_REFINER"                      # DiffHarmony's refinement UNet
+CONDITION_VAE = "HARMONIZE_CONDITION_VAE"          # pipelines.diffharmony.condition_vae.ConditionVAE
 T2I_MODEL = "HARMONIZE_T2I_MODEL"                  # pipelines.zero_shot.model.ZeroShotModel
 ZS_SETTINGS = "HARMONIZE_ZS_SETTINGS"              # pipelines.zero_shot.passes.ZeroShotSettings
 INVERSION = "HARMONIZE_INVERSION"                  # pipelines.zero_shot.passes.InversionBatch
@@ -26,7 +27,7 @@ DESCRIPTIONS = "HARMONIZE_DESCRIPTIONS"            # pipelines.describe.descript
 EVALUATOR = "HARMONIZE_EVALUATOR"                  # callable score(images, masks) -> [B]
 LUT = "HARMONIZE_LUT"                              # pipelines.color.lut.Lut3D
 PIDINET = "HARMONIZE_PIDINET"                      # pipelines.edges.pidinet.PiDiNet
-CUSTOM_TYPES = (DIFFHARMONY_MODEL, REFINER, T2I_MODEL, ZS_SETTINGS, INVERSION, ZS_EMBEDDINGS, DESCRIPTIONS,
+CUSTOM_TYPES = (DIFFHARMONY_MODEL, REFINER, CONDITION_VAE, T2I_MODEL, ZS_SETTINGS, INVERSION, ZS_EMBEDDINGS, DESCRIPTIONS,
                 EVALUATOR, LUT, PIDINET)
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -62,6 +63,12 @@ SCHEDULER = (list(dh.SCHEDULERS), {"default": "euler_ancestral", "tooltip": "Sam
 DIFFHARMONY_GUIDANCE = ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1,
                                   "tooltip": "Classifier-free guidance (paper: 1.0 = off). Only has an effect "
                                              "when the prompt is not empty."})
+DECODERS = ("vae", "condition vae")
+DECODER = (list(DECODERS), {"default": "vae",
+                            "tooltip": "vae: the model's VAE decodes the latent (blurs what the 8x latent cannot "
+                                       "hold). condition vae: the archive's condition_vae/ decodes it while also "
+                                       "seeing the composite, keeping its fine detail (the authors' "
+                                       "DiffHarmony++); found beside base/ unless one is connected."})
 
 # --- zero-shot ----------------------------------------------------------------------------------------------
 ZERO_SHOT_RESOLUTION = ("INT", {"default": PAPER.resolution, "min": 64, "max": 4096, "step": 64,
@@ -105,4 +112,5 @@ CONCEPTS = {
     "guidance": (DIFFHARMONY_GUIDANCE, ZERO_SHOT_GUIDANCE),
     "resolution": (DIFFHARMONY_RESOLUTION, REFINE_RESOLUTION, ZERO_SHOT_RESOLUTION, EDGE_RESOLUTION),
     "refine_resolution": (REFINE_RESOLUTION,),
+    "decoder": (DECODER,),
 }

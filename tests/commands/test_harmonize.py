@@ -107,3 +107,22 @@ def test_color_match_takes_no_model_and_diffharmony_needs_one(tmp_path, capsys):
     args = cli.parse_args(["--method", "color-match", str(comp), str(mask), "-o", "x.png"])
     assert (args.model, args.composite, args.detail) == (None, str(comp), "transfer")
     assert cli.parse_args(["m", "c", "k", "-o", "x.png"]).detail == "resample"
+
+
+def test_decoder_condition_vae_found_beside_base_and_error_when_absent(models_root, tmp_path, capsys):
+    from comfyui_harmonize.pipelines.diffharmony.condition_vae import load_condition_vae
+
+    archive = models_root / "diffharmony" / "DiffHarmony"
+    image, mask = write_pair(tmp_path, "comp", 40, 48, 2)
+    out = tmp_path / "out.png"
+    common = [str(tmp_path / "comp.png"), str(tmp_path / "comp_mask.png"), "--resolution", "64", "--steps", "1",
+              "--no-refine", "--seed", "5", "--decoder", "condition-vae"]
+    assert cli.main([str(archive), *common[:2], "-o", str(out), *common[2:]]) == 0
+    want = dh.harmonize(dh.load_diffharmony(archive), image, mask, seed=5, steps=1, resolution=64,
+                        condition_vae=load_condition_vae(archive / "condition_vae"))
+    assert (image_io.load_image(out) - want).abs().max() <= 0.5 / 255 + 1e-6
+    plain = models_root / "diffusers" / "tiny-inpaint"
+    assert cli.main([str(plain), *common[:2], "-o", str(tmp_path / "x.png"), *common[2:]]) == 2
+    err = capsys.readouterr().err
+    assert "no condition VAE found" in err and str(plain / "condition_vae") in err
+    assert not (tmp_path / "x.png").exists()

@@ -1,0 +1,109 @@
+"""DiffHarmony's inverse model (the archive's ``inverse/``, the authors' "diffharmony-gen").
+
+The same 9-channel inpainting UNet and pipeline as DiffHarmony, trained the other way round (their
+``--mode inverse``): the condition is the REAL photo instead of the composite, the target the composite. Run
+like DiffHarmony on a real photo and a mask, it repaints the masked object so that it no longer fits its
+surroundings: an inharmonious composite of the photo, whose harmonious original is known. The authors use it
+to augment their training data (scripts/inference/inverse.py: 5 Euler-ancestral steps, guidance 1, the
+photo's background pasted back outside the mask, several rounds with different draws per mask).
+
+Layout the loader accepts (the authors' training script saves the UNet as ``weights-<step>/``, a diffusers
+``UNet2DConditionModel`` folder): ``inverse/`` holding ``weights-<step>/`` (the highest step is taken),
+``unet/``, or the UNet's config.json itself; or a full diffusers pipeline folder. Whatever the folder does
+not hold (VAE, text encoder, tokenizer, scheduler) comes from the archive's ``base/`` beside it, which is
+what the authors' script combines it with (their ``--pretrained_model_name_or_path`` pipeline).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..core.errors import WeightsError
+from ..core.weights import own_memory
+from ..sd.loading import SDComponents, diffharmony_base, is_diffusers_folder, load_diffusers_folder
+from . import pipeline as dh
+
+FOLDER = "inverse"
+
+
+def _is_unet_folder(folder: Path) -> bool:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return "in_channels" in data and "cross_attention_dim" in data
+
+
+def inverse_folder(path: str | os.PathLike) -> Path:
+    """The ``inverse/`` folder itself, or the archive root (or its ``base/``) beside which it lies."""
+    path = Path(path)
+    cands = [path] if path.name == FOLDER else []
+    cands.append(path / FOLDER)
+    if path.name == "base":
+        cands.append(path.parent / FOLDER)
+    for cand in cands:
+        if cand.is_dir():
+            return cand
+    raise WeightsError(f"no inverse model found: looked for {', '.join(map(str, cands))}. Expected the "
+                       f"DiffHarmony archive's {FOLDER}/ folder (the authors' diffharmony-gen UNet) beside base/.")
+
+
+def unet_folder(folder: Path) -> Path:
+    """The UNet inside ``inverse/``: weights-<highest step>/, unet/, or the folder itself."""
+    steps = []
+    for sub in folder.iterdir():
+        m = re.fullmatch(r"weights-(\d+)", sub.name)
+        if m and _is_unet_folder(sub):
+            steps.append((int(m.group(1)), sub))
+        elif m and _is_unet_folder(sub / "unet"):
+            steps.append((int(m.group(1)), sub / "unet"))
+    if steps:
+        return max(steps)[1]
+    for cand in (folder / "unet", folder):
+        if _is_unet_folder(cand):
+            return cand
+    raise WeightsError(f"{folder} holds no inverse UNet: expected weights-<step>/, unet/ or a UNet config.json "
+                       f"(a diffusers UNet2DConditionModel with in_channels 9)")
+
+
+def load_inverse(path: str | os.PathLike, dtype: torch.dtype = torch.float32, tokenizer_dir=None,
+                 base: SDComponents | None = None) -> SDComponents:
+    """The inverse model as DiffHarmony components: its UNet, and the VAE, text encoder, tokenizer and
+    scheduler of its own pipeline folder when it is one, else of ``base`` (or the archive's ``base/``)."""
+    from diffusers import UNet2DConditionModel
+
+    folder = inverse_folder(path)
+    if is_diffusers_folder(folder):
+        return dh.check_and_return(load_diffusers_folder(folder, dtype, tokenizer_dir))
+    ufolder = unet_folder(folder)
+    if base is None:
+        base_dir = diffharmony_base(folder.parent)
+        if base_dir is None:
+            raise WeightsError(f"{folder} holds only a UNet, and no base/ pipeline was found beside it in "
+                               f"{folder.parent} for its VAE, text encoder and tokenizer")
+        base = load_diffusers_folder(base_dir, dtype, tokenizer_dir)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(ufolder), torch_dtype=dtype, local_files_only=True)
+    except Exception as exc:
+        raise WeightsError(f"could not load the inverse UNet from {ufolder}: {exc}") from exc
+    own_memory(unet).eval().requires_grad_(False)
+    sd = dataclasses.replace(base, unet=unet, source=str(ufolder), cache={})
+    return dh.check_and_return(sd)
+
+
+def make_composite(sd: SDComponents, real: torch.Tensor, mask: torch.Tensor, seed: int = 0,
+                   steps: int = dh.DEFAULT_STEPS, resolution: int = dh.DEFAULT_RESOLUTION, square: bool = False,
+                   condition_vae=None, callback=None, cancel=None) -> torch.Tensor:
+    """Real photo IMAGE + MASK -> an inharmonious composite IMAGE at the photo's size: the inverse model run as
+    DiffHarmony runs (Euler ancestral, guidance 1, empty prompt), the photo kept bit for bit outside the mask
+    (the authors paste the real background back)."""
+    return dh.harmonize(sd, real, mask, seed=seed, steps=steps, resolution=resolution, square=square,
+                        condition_vae=condition_vae, callback=callback, cancel=cancel)
