@@ -167,7 +167,9 @@ def run_stage_nodes(sd, cvae, image, mask, seed, steps, res):
     (lmask,) = N.HarmonizeMaskToLatent().downsample(mask, lat)
     (out,) = N.HarmonizeDiffHarmonySampler().sample(sd, lat, lmask, seed, steps, "euler_ancestral", 1.0)
     (dec,) = N.HarmonizeConditionVAEDecode().decode(cvae, out, image, mask, seed)
-    return N.HarmonizeRestore().restore(dec, image, mask, 0, "resample")[0]
+    from comfyui_harmonize.nodes import color as CN
+
+    return CN.HarmonizeRestore().restore(dec, image, mask, 0, "resample")[0]
 
 
 def test_stage_nodes_equal_all_in_one_with_the_condition_vae_found_beside_base(archive, cvae, models_env):
