@@ -32,12 +32,7 @@ def _condition_vae_choices() -> dict[str, object]:
 
 def _inverse_choices() -> dict[str, object]:
     """Archives (and other folders) under models/diffharmony that hold an inverse/ folder."""
-    found = {}
-    for root in host.model_roots("diffharmony"):
-        for name, path in loading.find_models([root], files=False).items():
-            if (path / inv.FOLDER).is_dir():
-                found[f"diffharmony/{name}"] = path
-    return found
+    return {f"diffharmony/{k}": v for k, v in inv.find_inverse_models(host.model_roots("diffharmony")).items()}
 
 
 def _condition_vae_beside(sd: loading.SDComponents):

@@ -271,6 +271,8 @@ EXPECTED = {  # what a loader's "not found" error says belongs in the folders it
     "model": "a diffusers pipeline folder, the DiffHarmony archive as downloaded (base/ + refinement/) or, in "
              "checkpoints, a single-file .safetensors checkpoint",
     "refiner": "the DiffHarmony archive's refinement/ folder (config.json + weights)",
+    "condition VAE": "the DiffHarmony archive's condition_vae/ folder (config.json + weights)",
+    "inverse model": "the DiffHarmony archive as downloaded, holding inverse/",
 }
 
 

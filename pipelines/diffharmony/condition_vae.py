@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import images
+from ..core import images, model_files
 from ..core.errors import InputError, WeightsError
 from ..core.weights import empty_weights, load_state_dict, own_memory
 
@@ -244,25 +244,22 @@ def candidate_folders(path: Path) -> list[Path]:
     return out
 
 
+def is_condition_vae_folder(folder: Path) -> bool:
+    """A folder with weights and a config.json naming ``additional_in_channels`` (the authors' ConditionVAE
+    config), e.g. ``<archive>/condition_vae``."""
+    cfg = folder / "config.json"
+    if not cfg.is_file() or not any((folder / w).is_file() for w in WEIGHT_NAMES):
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "additional_in_channels" in data
+
+
 def find_condition_vaes(roots) -> dict[str, Path]:
-    """Condition VAEs under ``roots``: folders with a config.json naming ``additional_in_channels`` (the
-    authors' ConditionVAE config) and weights, e.g. ``<archive>/condition_vae``."""
-    found: dict[str, Path] = {}
-    for root in roots:
-        root = Path(root)
-        if not root.is_dir():
-            continue
-        for cfg in sorted(root.rglob("config.json")):
-            folder = cfg.parent
-            if not any((folder / w).is_file() for w in WEIGHT_NAMES):
-                continue
-            try:
-                data = json.loads(cfg.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if isinstance(data, dict) and "additional_in_channels" in data:
-                found.setdefault(folder.name if folder == root else folder.relative_to(root).as_posix(), folder)
-    return found
+    """Condition VAEs under ``roots`` (see :func:`is_condition_vae_folder`)."""
+    return model_files.find(roots, model_dir=is_condition_vae_folder)
 
 
 def _describe_mismatch(model: nn.Module, state: dict, source: str) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..core import model_files
 from ..core.errors import WeightsError
 from ..core.weights import own_memory
 from ..sd.loading import SDComponents, diffharmony_base, is_diffusers_folder, load_diffusers_folder
@@ -40,6 +41,11 @@ def _is_unet_folder(folder: Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return "in_channels" in data and "cross_attention_dim" in data
+
+
+def find_inverse_models(roots) -> dict[str, Path]:
+    """Folders under ``roots`` that hold an ``inverse/`` folder (the DiffHarmony archive)."""
+    return model_files.find(roots, model_dir=lambda folder: (folder / FOLDER).is_dir())
 
 
 def inverse_folder(path: str | os.PathLike) -> Path:
