@@ -54,7 +54,7 @@ class HarmonizeDescription:
         shown = result.lines()
         if result.dropped:
             shown += "\n# left out (not in the vocabulary): " + ", ".join(result.dropped)
-        return result, shown
+        return {"ui": {"text": [shown]}, "result": (result, shown)}
 
 
 class HarmonizeDescribe:
@@ -119,7 +119,8 @@ class HarmonizeDescribe:
             cancel=host.check_interrupt)
         result = vlm.describe(source, image, mask, k=k, retries=retries, temperature=temperature, seed=seed,
                               mask_as=mask_as, callback=host.Progress(retries + 1))
-        return result, result.raw
+        shown = f"{result.lines()}\n\n# the model's answer:\n{result.raw}"
+        return {"ui": {"text": [shown]}, "result": (result, result.raw)}
 
 
 NODE_CLASS_MAPPINGS = {

@@ -211,6 +211,45 @@ def register_model_folders() -> None:
         fp.add_model_folder_path(name, os.path.join(fp.models_dir, name))
 
 
+SAMPLES = ("harmonize_sample_cat.jpg", "harmonize_sample_cat_mask.png")  # samples/: what the workflows load
+
+
+def install_samples(input_dir: str | os.PathLike | None = None) -> list[str]:
+    """Copy the pack's sample composite and mask (samples/) into ComfyUI's input folder, so a shipped
+    workflow runs as soon as it is opened. A file that is already there is never replaced (whatever it
+    holds), and a failure (read-only folder, ...) is only reported: loading the pack goes on. Returns the
+    names copied. Outside ComfyUI (no input folder given, no folder_paths) nothing happens."""
+    if input_dir is None:
+        fp = _comfy("folder_paths")
+        if fp is None:
+            return []
+        input_dir = fp.get_input_directory()
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples")
+    copied = []
+    for name in SAMPLES:
+        target = os.path.join(input_dir, name)
+        try:
+            with open(os.path.join(source, name), "rb") as f:
+                data = f.read()
+            os.makedirs(input_dir, exist_ok=True)
+            if os.path.lexists(target):
+                continue
+            with open(target, "xb") as f:  # "x": fails if the file appeared meanwhile
+                try:
+                    f.write(data)
+                except OSError:
+                    f.close()
+                    os.remove(target)  # only the file created here, never a user's
+                    raise
+            copied.append(name)
+        except OSError as exc:
+            print(f"[ComfyUI-Harmonize] could not copy the sample {name} into {input_dir}: {exc}")
+    if copied:
+        print(f"[ComfyUI-Harmonize] sample images for the shipped workflows copied into {input_dir}: "
+              f"{', '.join(copied)}")
+    return copied
+
+
 def model_roots(kind: str) -> list[str]:
     """Folders searched for models of ``kind`` (a ComfyUI folder name such as "diffharmony")."""
     fp = _comfy("folder_paths")
@@ -258,12 +297,15 @@ def dtype_for(name: str) -> torch.dtype:
 
 
 def sd_model_choices(folders: tuple[str, ...]) -> dict:
-    """Stable Diffusion models in ComfyUI's ``folders``, named ``<folder>/<name>``: diffusers folders and
-    DiffHarmony archives everywhere, single-file .safetensors only in ``checkpoints``."""
+    """Stable Diffusion models in ComfyUI's ``folders``: diffusers folders and DiffHarmony archives
+    everywhere, named ``<folder>/<name>``; single-file checkpoints only in ``checkpoints``, named by their
+    path inside it as ComfyUI's own checkpoint loader names them (so a workflow's ``properties.models``
+    entry, whose name must equal the widget's value, can point the front end at the missing file)."""
     choices = {}
     for folder in folders:
         for name, path in find_models(model_roots(folder), files=folder == "checkpoints").items():
-            choices[f"{folder}/{name}"] = path
+            bare = folder == "checkpoints" and os.path.isfile(path)
+            choices[name if bare and name not in choices else f"{folder}/{name}"] = path
     return choices
 
 

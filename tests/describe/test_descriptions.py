@@ -168,8 +168,17 @@ def test_description_set_regenerate_falls_back_to_unused_candidates():
     assert DescriptionSet([a, b], ask_again=lambda tried: a).regenerate([a]) == b
 
 
+class _Shown:
+    """The description node's result, checking that what it shows on the node is its text output."""
+
+    def build(self, *args):
+        out = HarmonizeDescription().build(*args)
+        assert out["ui"] == {"text": [out["result"][1]]}
+        return out["result"]
+
+
 def test_description_node_text_and_fields():
-    node = HarmonizeDescription()
+    node = _Shown()
     descs, text = node.build("dog", "bright summer", "winter dull greyscale", "", True)
     assert descs.candidates == [DOG] and text == PAPER
     descs, text = node.build("ignored", "x", "y", PAPER + "\ncat & (foreground) dim glossy & (background) red", True)

@@ -406,6 +406,15 @@ def test_transformers_answer_goes_through_the_parser(llm_root, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------- nodes
+
+def _describe(*args, **kwargs):
+    """The describe node's result; what it shows on the node is the candidates and the model's answer."""
+    out = HarmonizeDescribe().describe(*args, **kwargs)
+    descs, raw = out["result"]
+    assert out["ui"] == {"text": [f"{descs.lines()}\n\n# the model's answer:\n{raw}"]}
+    return descs, raw
+
+
 def test_describe_node_lists_models_and_runs_backends(llm_root, server, monkeypatch):
     monkeypatch.setenv("HARMONIZE_MODELS_DIR", str(llm_root))
     spec = HarmonizeDescribe.INPUT_TYPES()
@@ -415,19 +424,19 @@ def test_describe_node_lists_models_and_runs_backends(llm_root, server, monkeypa
     settings = dict(local_model=NO_LOCAL_MODEL, model_name="", k=2, temperature=0.3, seed=0, retries=0,
                     mask_as="auto", timeout=5.0, max_tokens=64)
     server.replies = [ollama_reply("\n".join(LINES[:2]))]
-    descs, raw = HarmonizeDescribe().describe(image, mask, "ollama", url=server.url, **settings)
+    descs, raw = _describe(image, mask, "ollama", url=server.url, **settings)
     assert [d.line() for d in descs.candidates] == LINES[:2] and raw == "\n".join(LINES[:2])
     assert server.requests[0]["body"]["options"]["num_predict"] == 64
-    descs, raw = HarmonizeDescribe().describe(image, mask, "manual", url="", manual_text=LINES[2], **settings)
+    descs, raw = _describe(image, mask, "manual", url="", manual_text=LINES[2], **settings)
     assert [d.line() for d in descs.candidates] == [LINES[2]] and descs.ask_again is None
-    descs, raw = HarmonizeDescribe().describe(image, mask, "manual", url="", manual_text="\n".join(LINES), **settings)
+    descs, raw = _describe(image, mask, "manual", url="", manual_text="\n".join(LINES), **settings)
     assert [d.line() for d in descs.candidates] == LINES  # typed by hand: every line, whatever k
     with pytest.raises(InputError, match="the manual text gave no usable description in 1 attempt"):
-        HarmonizeDescribe().describe(image, mask, "manual", url="", manual_text="a dog in the snow", **settings)
+        _describe(image, mask, "manual", url="", manual_text="a dog in the snow", **settings)
     with pytest.raises(WeightsError, match="local model '' not found.*Found: tiny-llava"):
-        HarmonizeDescribe().describe(image, mask, "transformers", url="", **settings)
+        _describe(image, mask, "transformers", url="", **settings)
     with pytest.raises(InputError, match="gave no usable description"):
-        HarmonizeDescribe().describe(image, mask, "transformers", url="", **{**settings, "local_model": "tiny-llava",
+        _describe(image, mask, "transformers", url="", **{**settings, "local_model": "tiny-llava",
                                                                            "max_tokens": 16})
 
 
@@ -514,10 +523,9 @@ def test_describe_workflow_is_the_zero_shot_graph_started_by_the_describe_node()
 def test_describe_workflow_runs_its_describe_node(server, tmp_path):
     import workflow_runner as wr
 
-    image, mask = composite(40, 60)
-    Image.fromarray((image[0].numpy() * 255).round().astype(np.uint8)).save(tmp_path / "harmonize_composite.png")
-    m = (mask[0].numpy() * 255).astype(np.uint8)
-    Image.fromarray(np.stack([m, m * 0, m * 0], -1)).save(tmp_path / "harmonize_mask.png")  # the red channel
+    from conftest import write_inputs
+
+    image, mask = write_inputs(tmp_path)  # the shipped sample the workflow loads
     prompt = _api("zero_shot_describe.json")
     (auto,) = [k for k, v in prompt.items() if v["class_type"] == "HarmonizeDescribe"]
     needed = {auto} | {v[0] for v in prompt[auto]["inputs"].values() if isinstance(v, list)}

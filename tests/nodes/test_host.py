@@ -90,3 +90,44 @@ def test_in_comfy_progress_cancel_and_model_management(fake_comfy, models_root):
     with pytest.raises(Interrupted):
         N.HarmonizeDiffHarmonySampler().sample(model, lat, lm, 0, 5, "euler_ancestral", 1.0)
     assert fake_comfy["updates"][-1] == (2, 5)  # stopped between steps
+
+
+def test_samples_are_copied_into_the_input_folder_only_when_absent(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    samples = Path(host.__file__).resolve().parents[1] / "samples"
+    inputs = tmp_path / "input"
+    assert host.install_samples(inputs) == list(host.SAMPLES)
+    for name in host.SAMPLES:
+        assert (inputs / name).read_bytes() == (samples / name).read_bytes()
+    assert host.install_samples(inputs) == []  # already there: nothing to do
+    mine = b"the user's own file"
+    (inputs / host.SAMPLES[0]).write_bytes(mine)
+    (inputs / host.SAMPLES[1]).unlink()
+    assert host.install_samples(inputs) == [host.SAMPLES[1]]
+    assert (inputs / host.SAMPLES[0]).read_bytes() == mine  # never replaced
+    # through ComfyUI's folder_paths, as at pack load
+    fp = types.SimpleNamespace(get_input_directory=lambda: str(tmp_path / "comfy_input"))
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    assert host.install_samples() == list(host.SAMPLES)
+    assert sorted(p.name for p in (tmp_path / "comfy_input").iterdir()) == sorted(host.SAMPLES)
+
+
+def test_samples_copy_failure_is_reported_not_raised(tmp_path, capsys):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    assert host.install_samples(blocker) == []
+    assert "could not copy the sample" in capsys.readouterr().out
+
+
+def test_pack_declares_its_front_end_extension():
+    from pathlib import Path
+
+    import comfyui_harmonize
+
+    root = Path(comfyui_harmonize.__file__).parent
+    web = (root / comfyui_harmonize.WEB_DIRECTORY).resolve()
+    scripts = sorted(p.name for p in web.rglob("*.js"))
+    assert scripts == ["harmonize.js"]
+    source = (web / "js" / "harmonize.js").read_text()
+    assert 'from "../../scripts/app.js"' in source and "onExecuted" in source
