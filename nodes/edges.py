@@ -8,6 +8,8 @@ from .widgets import EDGE_RESOLUTION, PIDINET
 
 CATEGORY = "harmonize/zero-shot"
 ALIASES = ("harmonize", "harmonization", "zero-shot", "edges", "edge detection", "pidinet", "sobel", "lineart")
+# PiDiNet as one published file (lllyasviel/Annotators), the loader's default
+PIDINET_FILE = "table5_pidinet.pth"
 
 
 class HarmonizePiDiNetLoader:
@@ -21,7 +23,8 @@ class HarmonizePiDiNetLoader:
     @classmethod
     def INPUT_TYPES(cls):
         names = list(pidinet.find_checkpoints(host.model_roots("pidinet")))
-        return {"required": {"pidinet_name": (names, {
+        default = {"default": PIDINET_FILE} if PIDINET_FILE in names else {}
+        return {"required": {"pidinet_name": (names, {**default,
             "tooltip": "PiDiNet checkpoint in models/pidinet (e.g. table5_pidinet.pth, table5_pidinet-tiny.pth)."})}}
 
     RETURN_TYPES = (PIDINET,)

@@ -20,6 +20,8 @@ CATEGORY = "harmonize/zero-shot"
 ALIASES = ("harmonize", "harmonization", "zero-shot", "zero shot", "relight", "composite", "blend", "color match",
            "stable diffusion")
 MODEL_FOLDERS = ("diffusers", "checkpoints")
+# Stable Diffusion 2-base as one published file (stabilityai/stable-diffusion-2-base), the loader's default
+SD2_BASE_FILE = "512-base-ema.safetensors"
 PAPER = zs.PRESETS["paper"]
 
 MODEL_IN = (T2I_MODEL, {"tooltip": "Text-to-image Stable Diffusion model from 'Harmonize: Load Text-to-Image Model'."})
@@ -75,10 +77,12 @@ class HarmonizeZeroShotLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
+        choices = sorted(_model_choices())
+        default = {"default": SD2_BASE_FILE} if SD2_BASE_FILE in choices else {}
         return {"required": {
-            "model": (sorted(_model_choices()), {"tooltip": "Text-to-image SD 2-base / SD 1.x: a diffusers folder "
-                                                            "(models/diffusers) or a .safetensors checkpoint "
-                                                            "(models/checkpoints)."}),
+            "model": (choices, {**default, "tooltip": "Text-to-image SD 2-base / SD 1.x: a diffusers folder "
+                                                      "(models/diffusers) or a .safetensors checkpoint "
+                                                      f"(models/checkpoints; SD 2-base is published as {SD2_BASE_FILE})."}),
             "dtype": DTYPE,
         }}
 

@@ -51,15 +51,21 @@ def make_composite(h: int, w: int, batch: int = 1, seed: int = 0):
     return image, mask
 
 
-def write_inputs(folder: Path, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The composite and mask files the shipped workflows load (harmonize_composite.png, harmonize_mask.png);
-    returns the composite as the 8-bit image LoadImage gives, and the mask."""
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+SAMPLE_FILES = ("harmonize_sample_cat.jpg", "harmonize_sample_cat_mask.png")  # what the shipped workflows load
+
+
+def write_inputs(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The files the shipped workflows load (the pack's real sample composite and mask, 768x515) copied into
+    ``folder``; returns the composite as ComfyUI's LoadImage gives it and the mask as its LoadImageMask
+    (red channel) gives it."""
+    import shutil
+
     import numpy as np
     from PIL import Image
 
-    image, mask = make_composite(h, w, seed=4)
-    rgb = (image[0].numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(rgb).save(folder / "harmonize_composite.png")
-    m = (mask[0].numpy() * 255).astype(np.uint8)
-    Image.fromarray(np.stack([m] * 3, -1)).save(folder / "harmonize_mask.png")
-    return torch.from_numpy(rgb.astype(np.float32) / 255.0)[None], mask
+    for name in SAMPLE_FILES:
+        shutil.copyfile(SAMPLES / name, folder / name)
+    rgb = np.asarray(Image.open(folder / SAMPLE_FILES[0]).convert("RGB"), dtype=np.float32) / 255.0
+    red = np.asarray(Image.open(folder / SAMPLE_FILES[1]).convert("RGBA").getchannel("R"), dtype=np.float32) / 255.0
+    return torch.from_numpy(rgb)[None], torch.from_numpy(red)[None]

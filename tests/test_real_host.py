@@ -77,7 +77,8 @@ import workflow_runner  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 PACK_NAME = "ComfyUI-Harmonize"  # the folder name ComfyUI imports the pack as
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-COMPOSITE_SIZE = (131, 97)  # W, H: odd, not a multiple of 8, landscape
+# The sample the shipped workflows load: the pack copies it into ComfyUI's input folder when it loads.
+SAMPLES = ("harmonize_sample_cat.jpg", "harmonize_sample_cat_mask.png")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--no-first-run"]
 START_S = float(os.environ.get("HARMONIZE_HOST_START_S", "300"))
@@ -96,6 +97,9 @@ PLACED = {
     "harmony_evaluator": "tiny-evaluator.safetensors",
     "LLM": "tiny-llava",  # a vision-language model folder (transformers), for the describe node
 }
+# Tiny models under the names of the published files the shipped workflows name (their properties.models):
+# the templates run as shipped. (ComfyUI folder, file name)
+PUBLISHED = (("checkpoints", "512-base-ema.safetensors"), ("pidinet", "table5_pidinet.pth"))
 
 SUMMARY: dict = {"nodes": 0, "workflows": [], "notes": [], "started_s": None}
 pytestmark = pytest.mark.timeout(int(START_S + 2 * RUN_S))  # the host start counts toward the first test
@@ -233,6 +237,15 @@ def write_models(root: Path) -> None:
     (root / "pidinet").mkdir(parents=True)
     torch.save({"epoch": 19, "state_dict": {f"module.{k}": v for k, v in pidi.state_dict().items()}},
                root / "pidinet" / PLACED["pidinet"])
+    torch.manual_seed(22)
+    pidi = pidinet.PiDiNet(20, 8, True)
+    torch.save({"epoch": 0, "state_dict": {f"module.{k}": v for k, v in pidi.state_dict().items()}},
+               root / "pidinet" / "table5_pidinet.pth")
+    from comfyui_harmonize.pipelines.sd.loading import load_sd
+
+    sd2 = load_sd(root / "diffusers" / PLACED["diffusers"])  # a tiny SD 2-base as one single file
+    tiny_models.save_single_file(root / "checkpoints" / "512-base-ema.safetensors", sd2.unet, sd2.vae,
+                                 sd2.text_encoder, family="sd2")
 
     import tiny_vlm
 
@@ -244,15 +257,12 @@ def write_models(root: Path) -> None:
                              root / "harmony_evaluator" / PLACED["harmony_evaluator"])
 
 
-def composite_and_mask() -> tuple[Image.Image, Image.Image]:
-    """A smooth colour composite with a sharp elliptical foreground (white in the mask)."""
-    w, h = COMPOSITE_SIZE
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    rgb = np.stack([xx / w, yy / h, 0.5 + 0.4 * np.sin(xx / 9 + yy / 13)], -1)
-    inside = ((yy - h / 2) / (0.3 * h)) ** 2 + ((xx - w / 2) / (0.25 * w)) ** 2 <= 1
-    rgb[inside] = rgb[inside] * 0.5 + np.array([0.45, 0.1, 0.0], np.float32)  # a mismatched foreground
-    composite = Image.fromarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), "RGB")
-    mask = Image.fromarray(inside.astype(np.uint8) * 255, "L")
+def composite_and_mask(folder: Path) -> tuple[Image.Image, Image.Image]:
+    """The sample composite and mask as ComfyUI's LoadImage / LoadImageMask (red channel) read them."""
+    with Image.open(folder / SAMPLES[0]) as img:
+        composite = img.convert("RGB")
+    with Image.open(folder / SAMPLES[1]) as img:
+        mask = img.convert("RGBA").getchannel("R")
     return composite, mask
 
 
@@ -337,15 +347,7 @@ def host(tmp_path_factory, request):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
     write_models(root / "models")
-    composite, mask = composite_and_mask()
-    for wf in WORKFLOWS:
-        images, masks = image_inputs(json.loads(wf.read_text()))
-        for name in images:
-            composite.save(root / "input" / name)
-        for name in masks:
-            mask.save(root / "input" / name)
-    composite.save(root / "input" / "harmonize_composite.png")
-    mask.save(root / "input" / "harmonize_mask.png")
+    # Nothing is put in the input folder: the pack copies its sample there when ComfyUI loads it.
     # The front end's first-run template browser would cover the canvas in the screenshots.
     (root / "user" / "default" / "comfy.settings.json").write_text(json.dumps(
         {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}))
@@ -367,7 +369,7 @@ def host(tmp_path_factory, request):
         proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     h = Host(root, proc, port, log)
-    h.python, h.composite, h.mask = python, composite, mask
+    h.python = python
     try:
         while True:
             if proc.poll() is not None:
@@ -381,6 +383,7 @@ def host(tmp_path_factory, request):
                 raise HostError(f"ComfyUI did not answer /object_info in {START_S:.0f} s:\n{h.log_tail()}")
             time.sleep(1)
         SUMMARY["started_s"] = time.monotonic() - t0
+        h.composite, h.mask = composite_and_mask(root / "input")  # as copied by the pack
         yield h
     finally:
         code = h.stop()
@@ -526,6 +529,30 @@ def wait_for_previews(page, timeout_ms: int = 30_000) -> bool:
         return False
 
 
+REPORTS_JS = """() => Array.from(document.querySelectorAll('textarea[data-harmonize-report]')).map(el => {
+    const r = el.getBoundingClientRect(), style = getComputedStyle(el);
+    return {node: el.dataset.harmonizeReport, text: el.value,
+            visible: r.width > 20 && r.height > 10 && style.display !== 'none' && style.visibility !== 'hidden'};
+})"""
+
+
+def check_reports_on_nodes(page, entry: dict, workflow: dict, name: str) -> list[str]:
+    """Every node whose run returned text ({"ui": {"text": [...]}}) shows exactly that text on the node, in
+    view, through the pack's front-end extension (web/js/harmonize.js). Returns "type#id" of those nodes."""
+    types = {str(n["id"]): n["type"] for n in workflow["nodes"]}
+    reports = {r["node"]: r for r in page.evaluate(REPORTS_JS)}
+    shown = []
+    for node_id, out in entry["outputs"].items():
+        if not out.get("text"):
+            continue
+        got = reports.get(node_id)
+        assert got is not None, f"{name}: {types.get(node_id)}#{node_id} returned text but the page shows none"
+        assert got["text"] == "\n".join(out["text"]), f"{name}: node {node_id} shows {got['text']!r}"
+        assert got["visible"], f"{name}: the text of {types.get(node_id)}#{node_id} is not in view"
+        shown.append(f"{types.get(node_id)}#{node_id}")
+    return shown
+
+
 def strip_meta(prompt: dict) -> dict:
     return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
 
@@ -542,6 +569,13 @@ def test_pack_imports_without_errors(host):
     blocks = re.findall(r"Traceback \(most recent call last\):\n(?:[ \t].*\n)*.*", log)
     ours = [b for b in blocks if any(p in b for p in pack_paths)]
     assert not ours, "tracebacks from the pack in the server log:\n" + "\n".join(ours)
+
+
+def test_pack_copied_its_sample_into_the_input_folder(host):
+    """The shipped workflows load the sample by name; the pack put it in ComfyUI's input folder at load."""
+    for name in SAMPLES:
+        assert (host.input_dir / name).read_bytes() == (REPO / "samples" / name).read_bytes(), name
+    assert "sample images for the shipped workflows copied into" in host.log_text()
 
 
 def _expected_definitions(models_root: Path) -> dict:
@@ -588,7 +622,7 @@ def test_object_info_declares_every_node_as_the_pack(host):
                 else:
                     assert have[name] == spec, f"{key}.{name}: host declares {have[name]}, pack {spec}"
     SUMMARY["nodes"] = len(exp["classes"])
-    for folder, name in PLACED.items():  # every placed model shows up in some loader of the pack
+    for folder, name in [*PLACED.items(), *PUBLISHED]:  # every placed model shows up in some loader of the pack
         assert any(v == name or v.endswith("/" + name) for v in model_values), \
             f"{folder}/{name} is listed by no loader; model lists: {sorted(model_values)}"
 
@@ -711,6 +745,9 @@ def test_workflow_runs_in_the_real_host(host, page, ollama, path):
         if not wait_for_previews(page):
             SUMMARY["notes"].append(f"{path.stem}: the front end did not show every output image")
         screenshot(page, f"{path.stem}-result", publish=False)
+        shown = check_reports_on_nodes(page, entry, workflow, path.stem)
+        if shown:
+            SUMMARY["workflows"].append(f"  text shown on nodes after the run: {', '.join(shown)}")
     SUMMARY["workflows"].append(f"{path.name}: converted by the {via}, ran in {seconds:.1f} s, "
                                 f"images {', '.join(produced)}")
     host.prompts[path.stem] = (prompt, workflow)
@@ -721,6 +758,52 @@ def _sampler_of(prompt: dict) -> tuple[str, dict] | None:
         if "steps" in node["inputs"] and "seed" in node["inputs"]:
             return key, node
     return None
+
+
+DIALOG_JS = """() => {
+    const dialogs = Array.from(document.querySelectorAll('.p-dialog'));
+    const d = dialogs.find(x => /512-base-ema/.test(x.innerText));
+    if (!d) return null;
+    return {text: d.innerText, buttons: Array.from(d.querySelectorAll('button'))
+        .map(b => ({title: b.title || '', disabled: b.disabled, text: b.innerText}))};
+}"""
+
+
+def test_missing_models_are_listed_in_the_front_end_dialog(host, page):
+    """A user without the models opens a shipped template: the front end's missing-models dialog lists the
+    files of the workflow's properties.models, with a download for the SD 2-base checkpoint."""
+    if page is None:
+        pytest.skip("no browser: the missing-models dialog is the front end's")
+    wf = json.loads((REPO / "workflows" / "zero_shot.json").read_text())
+    hidden = []
+    try:
+        for folder, name in PUBLISHED:  # the files are absent, as on a user's first open
+            f = host.root / "models" / folder / name
+            f.rename(f.with_name(name + ".hidden"))
+            hidden.append(f)
+        fresh = page.context.new_page()  # the front end's model lists are loaded once per page
+        try:
+            fresh.goto(host.url + "/")
+            fresh.wait_for_function("window.app && window.app.graph && window.app.canvas", timeout=180_000)
+            fresh.evaluate("""async (wf) => { await window.app.loadGraphData(wf, true, true, null,
+                {showMissingNodesDialog: false, showMissingModelsDialog: true}); }""", wf)
+            fresh.wait_for_function(DIALOG_JS, timeout=30_000)
+            dialog = fresh.evaluate(DIALOG_JS)
+            fresh.screenshot(path=str(page.shots / "missing-models-dialog.png"))
+        finally:
+            fresh.close()
+    finally:
+        for f in hidden:
+            f.with_name(f.name + ".hidden").rename(f)
+    for folder, name in PUBLISHED:
+        assert name in dialog["text"], f"{folder}/{name} is not in the missing-models dialog: {dialog['text']!r}"
+    sd2 = next(m for n in wf["nodes"] for m in n["properties"].get("models", []) if m["directory"] == "checkpoints")
+    offered = [b for b in dialog["buttons"] if b["title"] == sd2["url"] and not b["disabled"]]
+    assert offered, f"no download offered for {sd2['url']}: {dialog['buttons']}"
+    pth = [b for b in dialog["buttons"] if b["title"].endswith(".pth") and not b["disabled"]]
+    SUMMARY["missing_models"] = (f"missing-models dialog lists {', '.join(n for _, n in PUBLISHED)}; download "
+                                 f"offered for {sd2['name']}; for table5_pidinet.pth "
+                                 f"{'offered' if pth else 'not offered (this front end allows no .pth downloads)'}")
 
 
 def test_interrupt_then_next_run_succeeds(host):
@@ -800,9 +883,10 @@ def _print_summary(request, host, total_s: float) -> None:
              f"started in {SUMMARY['started_s'] or 0:.1f} s",
              f"nodes checked in /object_info: {SUMMARY['nodes']}",
              f"workflows run: {len(SUMMARY['workflows'])} of {len(WORKFLOWS)} "
-             f"(composite {COMPOSITE_SIZE[0]}x{COMPOSITE_SIZE[1]})"]
+             f"(the pack's sample {SAMPLES[0]}, {host.composite.size[0]}x{host.composite.size[1]}, "
+             f"copied into the input folder by the pack)"]
     lines += ["  " + w for w in SUMMARY["workflows"]]
-    for key in ("interrupt", "model_management", "browser", "screenshots", "stopped"):
+    for key in ("interrupt", "model_management", "missing_models", "browser", "screenshots", "stopped"):
         if SUMMARY.get(key):
             lines.append(f"{key}: {SUMMARY[key]}")
     lines += [f"note: {n}" for n in SUMMARY["notes"]]

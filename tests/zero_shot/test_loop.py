@@ -199,6 +199,13 @@ def zs_models(models_root, tmp_path, monkeypatch):
     # the shipped workflows name the official default model: a tiny one stands in under that name
     (root / "diffusers" / "stable-diffusion-2-base").symlink_to(models_root / "diffusers" / "tiny-txt2img")
     write_pidinet(root / "pidinet" / "table5_pidinet-tiny.pth")
+    # the shipped workflows name the published files: tiny ones stand in under those names
+    import tiny_models
+
+    model = loading.load_sd(models_root / "diffusers" / "tiny-txt2img")
+    tiny_models.save_single_file(root / "checkpoints" / "512-base-ema.safetensors", model.unet, model.vae,
+                                 model.text_encoder, "sd2")
+    write_pidinet(root / "pidinet" / "table5_pidinet.pth")
     monkeypatch.setenv("HARMONIZE_MODELS_DIR", str(root))
     return root
 
@@ -241,16 +248,16 @@ def test_loader_takes_single_file_sd1_and_sd2_checkpoints(zs_models, model):
         tiny_models.save_single_file(zs_models / "checkpoints" / f"tiny-{family}.safetensors", model.unet, model.vae,
                                      model.text_encoder, family)
     choices = zn.HarmonizeZeroShotLoader.INPUT_TYPES()["required"]["model"][0]
-    assert {"checkpoints/tiny-sd1.safetensors", "checkpoints/tiny-sd2.safetensors",
+    assert {"tiny-sd1.safetensors", "tiny-sd2.safetensors",
             "diffusers/stable-diffusion-2-base"} <= set(choices)
     image, mask = make_composite(48, 64, seed=9)
     s = zs.settings_for("draft", steps=2, resolution=64, candidates=1)
     outs = {}
-    for name in ("diffusers/tiny-txt2img", "checkpoints/tiny-sd1.safetensors", "checkpoints/tiny-sd2.safetensors"):
+    for name in ("diffusers/tiny-txt2img", "tiny-sd1.safetensors", "tiny-sd2.safetensors"):
         loaded = zn.HarmonizeZeroShotLoader().load(name, "fp32")[0]
         outs[name] = zl.iterative_batch(loaded, image, mask, DescriptionSet([A]), s)[0]
-    assert torch.equal(outs["diffusers/tiny-txt2img"], outs["checkpoints/tiny-sd1.safetensors"])
-    assert outs["checkpoints/tiny-sd2.safetensors"].shape == image.shape
+    assert torch.equal(outs["diffusers/tiny-txt2img"], outs["tiny-sd1.safetensors"])
+    assert outs["tiny-sd2.safetensors"].shape == image.shape
 
 
 @pytest.mark.parametrize("name", ["zero_shot.json", "zero_shot_iterative.json"])
@@ -265,7 +272,7 @@ def test_workflow_is_valid_and_shipped_as_a_template(name):
 
 
 def test_stage_workflow_runs_node_by_node(zs_models, tmp_path):
-    image, mask = write_inputs(tmp_path, 389, 517)
+    image, mask = write_inputs(tmp_path)
     overrides = {("HarmonizeZeroShotInvert", "resolution"): 64}
     for node in ("HarmonizeZeroShotInvert", "HarmonizeZeroShotRefine", "HarmonizeZeroShotEdit"):
         overrides[(node, "preset")] = "fast"
@@ -282,12 +289,12 @@ def test_stage_workflow_runs_node_by_node(zs_models, tmp_path):
 
 
 def test_iterative_workflow_runs_node_by_node(zs_models, tmp_path):
-    image, mask = write_inputs(tmp_path, 389, 517)
+    image, mask = write_inputs(tmp_path)
     overrides = {("HarmonizeZeroShotIterative", "resolution"): 64, ("HarmonizeZeroShotIterative", "preset"): "draft"}
     results = wr.run_workflow(ROOT / "workflows" / "zero_shot_iterative.json", MAPS, tmp_path, overrides=overrides)
     saved = dict(wr.SaveImage.saved)
     best, every = saved["harmonize/zero_shot_iterative"], saved["preview"]
-    assert best.shape == image.shape and every.shape == (3, 389, 517, 3)  # draft: the 3 candidates, one iteration
+    assert best.shape == image.shape and every.shape == (3, 515, 768, 3)  # draft: the 3 candidates, one iteration
     bg = mask[..., None].expand_as(image) == 0
     assert torch.equal(best[bg], image[bg])
     node = next(r for r in results.values() if len(r) == 5)
