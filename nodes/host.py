@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import logging
 import os
 import weakref
 
@@ -243,10 +244,11 @@ def install_samples(input_dir: str | os.PathLike | None = None) -> list[str]:
                     raise
             copied.append(name)
         except OSError as exc:
-            print(f"[ComfyUI-Harmonize] could not copy the sample {name} into {input_dir}: {exc}")
+            logging.getLogger(__name__).warning("[ComfyUI-Harmonize] could not copy the sample %s into %s: %s",
+                                                name, input_dir, exc)
     if copied:
-        print(f"[ComfyUI-Harmonize] sample images for the shipped workflows copied into {input_dir}: "
-              f"{', '.join(copied)}")
+        logging.getLogger(__name__).info("[ComfyUI-Harmonize] sample images for the shipped workflows copied "
+                                         "into %s: %s", input_dir, ", ".join(copied))
     return copied
 
 

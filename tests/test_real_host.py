@@ -575,7 +575,10 @@ def test_pack_copied_its_sample_into_the_input_folder(host):
     """The shipped workflows load the sample by name; the pack put it in ComfyUI's input folder at load."""
     for name in SAMPLES:
         assert (host.input_dir / name).read_bytes() == (REPO / "samples" / name).read_bytes(), name
-    assert "sample images for the shipped workflows copied into" in host.log_text()
+    end = time.monotonic() + 30  # the server's console may reach the log file a little later
+    while "sample images for the shipped workflows copied into" not in host.log_text():
+        assert time.monotonic() < end, f"the pack did not say it copied its sample:\n{host.log_tail()}"
+        time.sleep(0.5)
 
 
 def _expected_definitions(models_root: Path) -> dict:

@@ -113,11 +113,11 @@ def test_samples_are_copied_into_the_input_folder_only_when_absent(tmp_path, mon
     assert sorted(p.name for p in (tmp_path / "comfy_input").iterdir()) == sorted(host.SAMPLES)
 
 
-def test_samples_copy_failure_is_reported_not_raised(tmp_path, capsys):
+def test_samples_copy_failure_is_reported_not_raised(tmp_path, caplog):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("x")
     assert host.install_samples(blocker) == []
-    assert "could not copy the sample" in capsys.readouterr().out
+    assert "could not copy the sample" in caplog.text
 
 
 def test_pack_declares_its_front_end_extension():
@@ -130,4 +130,12 @@ def test_pack_declares_its_front_end_extension():
     scripts = sorted(p.name for p in web.rglob("*.js"))
     assert scripts == ["harmonize.js"]
     source = (web / "js" / "harmonize.js").read_text()
-    assert 'from "../../scripts/app.js"' in source and "onExecuted" in source
+    assert "onExecuted" in source
+    # ComfyUI serves WEB_DIRECTORY at /extensions/<pack folder>/: every import must resolve to the front
+    # end's /scripts/ modules from there
+    import re
+    from urllib.parse import urljoin
+
+    imports = re.findall(r'^import .* from "([^"]+)"', source, re.M)
+    assert imports and all(urljoin("/extensions/ComfyUI-Harmonize/js/harmonize.js", i).startswith("/scripts/")
+                           for i in imports), imports

@@ -4,7 +4,7 @@
 // The nodes return it as {"ui": {"text": [...]}}; the front end draws such text only on its own preview
 // nodes, so this extension puts it in a read-only text box at the bottom of the node that sent it. The box is
 // not saved with the workflow and is not an input: widgets_values and the queued prompt stay as they were.
-import { app } from "../../scripts/app.js";
+import { app } from "../../../scripts/app.js";  // served at /extensions/<pack>/js/harmonize.js
 
 const WIDGET_NAME = "harmonize_report";
 
