@@ -241,7 +241,7 @@ def write_models(root: Path) -> None:
     pidi = pidinet.PiDiNet(20, 8, True)
     torch.save({"epoch": 0, "state_dict": {f"module.{k}": v for k, v in pidi.state_dict().items()}},
                root / "pidinet" / "table5_pidinet.pth")
-    from comfyui_harmonize.pipelines.sd.loading import load_sd
+    from comfyui_harmonize.pipelines.sd.models import load_sd
 
     sd2 = load_sd(root / "diffusers" / PLACED["diffusers"])  # a tiny SD 2-base as one single file
     tiny_models.save_single_file(root / "checkpoints" / "512-base-ema.safetensors", sd2.unet, sd2.vae,

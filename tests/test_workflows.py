@@ -145,7 +145,7 @@ def test_published_model_files_are_what_the_loaders_read(models_root, tmp_path, 
     from comfyui_harmonize.nodes.edges import HarmonizePiDiNetLoader
     from comfyui_harmonize.nodes.zero_shot import HarmonizeZeroShotLoader
     from comfyui_harmonize.pipelines.edges.pidinet import PiDiNet
-    from comfyui_harmonize.pipelines.sd.loading import load_sd
+    from comfyui_harmonize.pipelines.sd.models import load_sd
 
     sd = load_sd(models_root / "diffusers" / "tiny-txt2img")
     tiny_models.save_single_file(tmp_path / "checkpoints" / "512-base-ema.safetensors", sd.unet, sd.vae,

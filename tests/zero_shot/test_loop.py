@@ -202,7 +202,7 @@ def zs_models(models_root, tmp_path, monkeypatch):
     # the shipped workflows name the published files: tiny ones stand in under those names
     import tiny_models
 
-    model = loading.load_sd(models_root / "diffusers" / "tiny-txt2img")
+    model = sd_models.load_sd(models_root / "diffusers" / "tiny-txt2img")
     tiny_models.save_single_file(root / "checkpoints" / "512-base-ema.safetensors", model.unet, model.vae,
                                  model.text_encoder, "sd2")
     write_pidinet(root / "pidinet" / "table5_pidinet.pth")
