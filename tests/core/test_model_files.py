@@ -69,7 +69,7 @@ def test_a_symlink_loop_neither_hangs_nor_multiplies_choices(looped_models, monk
     assert list(vlm.local_models([str(root / "LLM")])) == ["org/vlm2", "tiny-vlm"]
     monkeypatch.setenv(host.MODELS_ENV, str(root))
     assert list(host.sd_model_choices(("diffharmony", "diffusers", "checkpoints"))) == [
-        "diffharmony/DiffHarmony", "diffusers/sd15", "checkpoints/A.SAFETENSORS", "checkpoints/b.safetensors"]
+        "diffharmony/DiffHarmony", "diffusers/sd15", "A.SAFETENSORS", "b.safetensors"]  # files: bare, as ComfyUI
 
 
 @pytest.mark.timeout(60)
