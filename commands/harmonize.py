@@ -27,15 +27,20 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
+from tqdm import tqdm
 
-from ..pipelines.diffharmony import pipeline as dh
-from ..pipelines.core import image_io, images
-from ..pipelines.core.errors import InputError, WeightsError
+from ..pipelines.color.match import harmonize_color_match
 from ..pipelines.color.restore import DETAIL_MODES
+from ..pipelines.core import image_io, images
+from ..pipelines.core.dtypes import DTYPES, resolve_dtype
+from ..pipelines.core.errors import InputError, WeightsError
+from ..pipelines.diffharmony import pipeline as dh
+from ..pipelines.diffharmony.build import build_diffharmony
+from .common import DTYPE_HELP, fail, tokenizer_dir
 
 METHODS = ("diffharmony", "color-match")
 DECODERS = ("vae", "condition-vae")
-DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--feather", type=int, default=0)
     p.add_argument("--detail", choices=DETAIL_MODES, help="resample or transfer (default: resample for "
                    "diffharmony, transfer for color-match)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokenizer", help="folder with the CLIP vocab.json + merges.txt (single-file checkpoints); "
                                        "default: $COMFYUI_PATH/comfy/sd1_tokenizer")
@@ -194,8 +199,6 @@ def check_memory(args, device: torch.device, sizes: list[tuple[int, int]]) -> No
 
 def image_size(path: Path, what: str) -> tuple[int, int]:
     """(height, width) of an image file from its header, or InputError naming the file."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             w, h = img.size
@@ -276,8 +279,6 @@ def jobs(args) -> list[tuple[Path, Path, Path]]:
 
 def color_match(args, work) -> None:
     """The weight-free baseline on every job (pipelines/color/match.py)."""
-    from ..pipelines.color.match import harmonize_color_match
-
     for comp, mask, out in work:
         result = harmonize_color_match(image_io.load_image(comp), image_io.load_mask(mask),
                                        resolution=args.resolution, feather=args.feather, detail=args.detail)
@@ -286,26 +287,12 @@ def color_match(args, work) -> None:
 
 
 def diffharmony(args, work) -> None:
-    from tqdm import tqdm
-
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] or (torch.float16 if device.type == "cuda" else torch.float32)
-    comfy = os.environ.get("COMFYUI_PATH")
-    tokenizer = args.tokenizer or (os.path.join(comfy, "comfy", "sd1_tokenizer") if comfy else None)
-    sd = dh.load_diffharmony(args.model, dtype=dtype, tokenizer_dir=tokenizer)
-    for m in sd.modules().values():
-        m.to(device)
-    refiner = None
-    ref_path = args.refiner or (Path(args.model) / "refinement" if (Path(args.model) / "refinement").is_dir() else None)
-    if ref_path and not args.no_refine:
-        from ..pipelines.diffharmony.refiner import load_refiner
-
-        refiner = load_refiner(ref_path, dtype).to(device)
-    cvae = None
-    if args.decoder == "condition-vae":
-        from ..pipelines.diffharmony.condition_vae import load_condition_vae
-
-        cvae = load_condition_vae(args.condition_vae or sd.source, dtype).to(device)
+    sd, refiner, cvae = build_diffharmony(args.model, refiner=args.refiner, no_refine=args.no_refine,
+                                          condition_vae=args.decoder == "condition-vae",
+                                          condition_vae_path=args.condition_vae,
+                                          dtype=resolve_dtype(args.dtype, device), device=device,
+                                          tokenizer_dir=tokenizer_dir(args.tokenizer))
     bar = tqdm(total=len(work) * args.steps, unit="step", disable=None)
     for comp, mask, out in work:
         bar.set_description(comp.name)
@@ -326,8 +313,7 @@ def main(argv=None) -> int:
         if work:
             (color_match if args.method == "color-match" else diffharmony)(args, work)
     except (InputError, WeightsError) as exc:
-        print(f"comfyui-harmonize: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("comfyui-harmonize", exc)
     except PermissionError as exc:
         print(f"comfyui-harmonize: error: permission denied: {exc.filename or exc}", file=sys.stderr)
         return 2

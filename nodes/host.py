@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from ..pipelines.core import model_files
+from ..pipelines.core import dtypes, model_files
 from ..pipelines.sd.models import find_models
 
 MODELS_ENV = "HARMONIZE_MODELS_DIR"  # models root used when ComfyUI is not importable (tests, CLI)
@@ -184,18 +184,20 @@ def soft_empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
+SD_UNET_DTYPES = [torch.float16, torch.bfloat16, torch.float32]  # what ComfyUI runs SD 1.x/2.x UNets in
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    """auto precision: fp16 (or bf16 where ComfyUI prefers it) on CUDA, fp32 elsewhere."""
-    if device.type != "cuda":
-        return torch.float32
+    """``auto`` precision (pipelines/core/dtypes.py states the rule): ComfyUI's choice for an SD 1.x/2.x UNet
+    on ``device`` (its ``--fp16-unet``/``--bf16-unet``/``--fp32-unet`` honoured); outside ComfyUI fp16 on
+    CUDA, fp32 elsewhere."""
     mm = _comfy("comfy.model_management")
     if mm is not None:
         try:
-            if mm.should_use_bf16(device):
-                return torch.bfloat16
+            return mm.unet_dtype(device, supported_dtypes=SD_UNET_DTYPES)
         except Exception:
             pass
-    return torch.float16
+    return dtypes.default_dtype(device)
 
 
 # ------------------------------------------------------------------------------------ model folders
@@ -290,12 +292,12 @@ def output_directory() -> str:
 
 
 # --------------------------------------------------------------------------- model choices for loader nodes
-DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dtypes.DTYPES  # the dtype widget's choices
 
 
 def dtype_for(name: str) -> torch.dtype:
-    """A loader's dtype widget: auto = fp16/bf16 on CUDA, fp32 elsewhere."""
-    return DTYPES[name] or default_dtype(torch_device())
+    """A loader's dtype widget, by the pack's one rule (pipelines/core/dtypes.py) with ComfyUI's ``auto``."""
+    return dtypes.resolve_dtype(name, torch_device(), auto=default_dtype)
 
 
 def sd_model_choices(folders: tuple[str, ...]) -> dict:

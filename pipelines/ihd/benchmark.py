@@ -1,9 +1,11 @@
 """iHarmony4 benchmark: run a harmonization method over a split, measure it, write the paper's tables.
 
-    python -m comfyui_harmonize.pipelines.ihd.benchmark --data /data/iHarmony4 --method diffharmony \\
+    harmonize-benchmark --data /data/iHarmony4 --method diffharmony \\
         --model models/diffharmony/DiffHarmony --resolution 1024 --out runs/diffharmony-1024
 
-    accelerate launch --multi_gpu --num_processes 8 -m comfyui_harmonize.pipelines.ihd.benchmark ...
+    accelerate launch --multi_gpu --num_processes 8 -m comfyui_harmonize.commands.benchmark ...
+
+(the command line itself is commands/benchmark.py; this module is the benchmark it runs)
 
 Methods: ``diffharmony`` (the pack's all-in-one pipeline: any resolution, refinement on/off, steps, scheduler,
 seed), ``composite`` (the input itself: the "composite" row of the papers' tables) and ``color_match`` (a
@@ -37,15 +39,20 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate import PartialState
+from PIL import Image
+from tqdm.auto import tqdm
 
 from . import dataset as ihd
 from ..evaluation import metrics
 from ..color.match import lab_color_match
-from ..core.errors import InputError, WeightsError
+from ..core.dtypes import resolve_dtype
+from ..core.errors import InputError
+from ..diffharmony.build import build_diffharmony, chosen_refiner
+from ..diffharmony import pipeline as dh
 
 FIELDS = ("name", "subset", "psnr", "mse", "fmse", "bmse", "fg_ratio", "bucket", "seed")
 METHODS = ("diffharmony", "composite", "color_match")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Published figures for all of iHarmony4 (reference/evaluation.md, reference/diffharmony.md): PSNR, MSE, fMSE.
 PUBLISHED = {
     "composite (input), paper": (31.63, 172.47, 1376.42),
@@ -64,17 +71,9 @@ def build_method(args: argparse.Namespace, device: torch.device) -> Method:
     if args.method == "color_match":
         return lambda composite, mask, seed: lab_color_match(composite, mask)
     if args.method == "diffharmony":
-        from ..diffharmony import pipeline as dh
-        from ..diffharmony.refiner import load_refiner
-
-        dtype = _dtype(args.dtype, device)
-        sd = dh.load_diffharmony(args.model, dtype=dtype, tokenizer_dir=args.tokenizer)
-        for module in sd.modules().values():
-            module.to(device)
-        refiner = None
-        refiner_path = _refiner_path(args)
-        if refiner_path is not None:
-            refiner = load_refiner(refiner_path, dtype=dtype).to(device)
+        sd, refiner, _ = build_diffharmony(args.model, refiner=args.refiner, no_refine=args.no_refine,
+                                        dtype=resolve_dtype(args.dtype, device), device=device,
+                                        tokenizer_dir=args.tokenizer)
 
         def run(composite, mask, seed):
             return dh.harmonize(sd, composite, mask, seed=seed, steps=args.steps, resolution=args.resolution,
@@ -85,29 +84,13 @@ def build_method(args: argparse.Namespace, device: torch.device) -> Method:
     raise InputError(f"unknown method {args.method!r}; expected one of {', '.join(METHODS)}")
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
-def _refiner_path(args) -> Path | None:
-    """--refiner PATH, else the archive's refinement/ folder unless --no-refine."""
-    if args.no_refine:
-        return None
-    if args.refiner:
-        return Path(args.refiner)
-    auto = Path(args.model) / "refinement"
-    return auto if (auto / "config.json").is_file() else None
-
-
 def run_settings(args: argparse.Namespace) -> dict:
     """What determines the per-image rows (a folder's rows must all come from these settings)."""
     s = {"method": args.method, "split": args.split, "data": str(Path(args.data).resolve()),
          "metric_size": args.metric_size, "quantize": not args.no_quantize, "max_side": args.max_side,
          "seed": args.seed}
     if args.method == "diffharmony":
-        refiner = _refiner_path(args)
+        refiner = chosen_refiner(args.model, args.refiner, args.no_refine)
         s.update(model=str(Path(args.model).resolve()), refiner=str(refiner.resolve()) if refiner else None,
                  resolution=args.resolution, fit=args.fit, steps=args.steps, scheduler=args.scheduler,
                  guidance=args.guidance, refine_resolution=args.refine_resolution, dtype=args.dtype)
@@ -277,14 +260,12 @@ def _label(args) -> str:
         return args.label
     if args.method != "diffharmony":
         return args.method
-    refine = "refine" if _refiner_path(args) else "no refine"
+    refine = "refine" if chosen_refiner(args.model, args.refiner, args.no_refine) else "no refine"
     return f"DiffHarmony {args.resolution} {args.fit} {refine}, {args.steps} steps"
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
     """IMAGE ``[1,H,W,3]`` as an 8-bit PNG; an existing file is left alone (it holds the same result)."""
-    from PIL import Image
-
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -297,9 +278,6 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace, on_image: Callable[[str], None] | None = None) -> dict | None:
     """Run the benchmark; returns the summary on the main process (None on the others)."""
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
-
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available(), timeout=timedelta(hours=12))
     out = Path(args.out)
     # every process checks the same things before anything is written, so all stop on the same error
@@ -345,78 +323,7 @@ def run(args: argparse.Namespace, on_image: Callable[[str], None] | None = None)
     return s
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m comfyui_harmonize.pipelines.ihd.benchmark",
-                                description="Run a harmonization method over iHarmony4 and write the paper's tables.")
-    p.add_argument("--data", required=True, help="iHarmony4 root (with IHD_test.txt and the four subset folders)")
-    p.add_argument("--out", required=True, help="output folder (created; resumes when it holds the same run)")
-    p.add_argument("--method", choices=METHODS, default="diffharmony")
-    p.add_argument("--split", choices=ihd.SPLITS, default="test")
-    p.add_argument("--subsets", default=None, help="comma-separated subsets (default: all four)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N composites of each subset")
-    p.add_argument("--max-side", type=int, default=None,
-                   help="pre-resize inputs so the long side is at most this (e.g. 1024 for HAdobe5k)")
-    p.add_argument("--metric-size", type=int, default=metrics.DEFAULT_SIZE,
-                   help="images are measured at this square size (256 = the paper; 0 = native size)")
-    p.add_argument("--no-quantize", action="store_true", help="measure float images (no 8-bit rounding)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed is derived from it and its name")
-    p.add_argument("--save-images", action="store_true", help="also write images/<name>.png")
-    p.add_argument("--label", default=None, help="method name shown in the tables")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or printed table")
-    g = p.add_argument_group("diffharmony")
-    g.add_argument("--model", help="DiffHarmony archive root (base/ + refinement/), a diffusers inpainting folder "
-                                   "or a single-file .safetensors")
-    g.add_argument("--refiner", default=None, help="refinement/ folder (default: <model>/refinement when present)")
-    g.add_argument("--no-refine", action="store_true", help="skip the refinement stage")
-    g.add_argument("--resolution", type=int, default=1024, help="working resolution (paper: 512 or 1024)")
-    g.add_argument("--fit", choices=("square", "keep-aspect"), default="square",
-                   help="square = the official resize to resolution x resolution; keep-aspect = long side")
-    g.add_argument("--steps", type=int, default=5)
-    g.add_argument("--scheduler", default="euler_ancestral")
-    g.add_argument("--guidance", type=float, default=1.0)
-    g.add_argument("--refine-resolution", type=int, default=256)
-    g.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto = fp16 on CUDA, fp32 on CPU")
-    g.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder if the model has none")
-    return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = build_parser()
-    args = p.parse_args(argv)
-    if args.method == "diffharmony" and not args.model:
-        p.error("--model is required for --method diffharmony")
-    if args.metric_size < 0:
-        p.error("--metric-size must be >= 0")
-    if args.max_side is not None and args.max_side < 8:
-        p.error(f"--max-side {args.max_side}: expected a long side of at least 8 pixels (leave it out to keep "
-                f"the images' own size)")
-    if args.limit is not None and args.limit < 1:
-        p.error(f"--limit {args.limit}: expected at least 1 composite per subset")
-    if not 0 <= args.seed < 2**63:
-        p.error(f"--seed {args.seed}: expected 0..2**63-1")
-    if args.method == "diffharmony":
-        if not 1 <= args.steps <= 1000:
-            p.error(f"--steps {args.steps}: expected 1..1000 (the paper: 5)")
-        if args.resolution % 8 or not 8 <= args.resolution <= 16384:
-            p.error(f"--resolution {args.resolution}: expected a multiple of 8 in 8..16384 (the paper: 512 or 1024)")
-        if args.refine_resolution % 16 or not 16 <= args.refine_resolution <= 16384:
-            p.error(f"--refine-resolution {args.refine_resolution}: expected a multiple of 16 in 16..16384 "
-                    f"(the paper: 256)")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        p.error(f"--out {args.out} is a file; expected an output folder")
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (InputError, WeightsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    print("the benchmark command moved: run `harmonize-benchmark` or `python -m comfyui_harmonize.commands.benchmark` "
+          "(also under `accelerate launch ... -m comfyui_harmonize.commands.benchmark`)", file=sys.stderr)
+    sys.exit(2)

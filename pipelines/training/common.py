@@ -63,39 +63,6 @@ class Task(Protocol):
         ...
 
 
-# ------------------------------------------------------------------------------------------ arguments
-def add_common_args(p: argparse.ArgumentParser, *, lr: float, batch_size: int, max_steps: int,
-                    ema_decay: float) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--out", required=True, help="output folder (checkpoints, final model, log)")
-    g.add_argument("--max-steps", type=int, default=max_steps, help="optimizer steps to train for")
-    g.add_argument("--batch-size", type=int, default=batch_size, help="images per device and step")
-    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    g.add_argument("--lr", type=float, default=lr, help="learning rate")
-    g.add_argument("--lr-scheduler", default="constant",
-                   help="diffusers schedule: constant, constant_with_warmup, cosine, linear, piecewise_constant, ...")
-    g.add_argument("--lr-warmup-steps", type=int, default=0)
-    g.add_argument("--lr-step-rules", default=None,
-                   help="for piecewise_constant: 'multiplier:until_step,...,last_multiplier', e.g. '1:150000,0.1'")
-    g.add_argument("--weight-decay", type=float, default=1e-2)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    g.add_argument("--ema-decay", type=float, default=ema_decay, help="EMA decay of the weights (0 = no EMA)")
-    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no",
-                   help="fp16 / bf16 autocast; frozen models are kept in that precision")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
-    g.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps (0 = only the final)")
-    g.add_argument("--keep-checkpoints", type=int, default=0,
-                   help="keep only the newest N checkpoint folders of this run (0 = keep all)")
-    g.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to resume from")
-    g.add_argument("--log-every", type=int, default=10, help="append to train_log.csv every N steps")
-    g.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
-
-
 def make_accelerator(args):
     cpu = bool(getattr(args, "cpu", False)) or not torch.cuda.is_available()
     if cpu and args.mixed_precision == "fp16":
@@ -362,20 +329,13 @@ def _jsonable(obj):
     return str(obj)
 
 
-def run_command(args, build, done: str, prepare=None) -> int:
-    """The ``main`` of the training commands: build the task and dataset from ``args``, train, and say where
-    the result went (``done`` is formatted with ``final``). ``prepare(task, accelerator)`` runs before
-    training. Bad input or weights end with a message and exit status 2."""
-
-    try:
-        task, dataset = build(args)
-        acc = make_accelerator(args)
-        if prepare is not None:
-            prepare(task, acc)
-        final = Trainer(task, args, acc).fit(dataset, collate_fn=ihd.collate)
-    except (InputError, WeightsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if acc.is_main_process:
-        print(done.format(final=final))
-    return 0
+def train(args, build, prepare=None) -> tuple[Path, bool]:
+    """What a training command runs: build the task and dataset from ``args``, train, return the final model
+    folder and whether this is the main process (the one that reports). ``prepare(task, accelerator)`` runs
+    before training."""
+    task, dataset = build(args)
+    acc = make_accelerator(args)
+    if prepare is not None:
+        prepare(task, acc)
+    final = Trainer(task, args, acc).fit(dataset, collate_fn=ihd.collate)
+    return final, acc.is_main_process

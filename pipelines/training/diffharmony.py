@@ -34,7 +34,7 @@ from ..core.errors import InputError, WeightsError
 from ..diffharmony.pipeline import check_inpainting
 from ..sd.models import load_sd
 from ..sd.loading import SDComponents
-from .common import add_common_args, link_or_copy_tree, run_command
+from .common import link_or_copy_tree
 
 COMPONENTS = ".components"
 
@@ -146,22 +146,6 @@ class DiffHarmonyTask:
         model.save_pretrained(folder / "unet", safe_serialization=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m comfyui_harmonize.pipelines.training.diffharmony",
-                                description="Fine-tune an SD inpainting UNet into DiffHarmony's harmonization UNet.")
-    p.add_argument("--data", required=True, help="iHarmony4 root")
-    p.add_argument("--pretrained", required=True,
-                   help="SD inpainting model: diffusers folder, DiffHarmony archive or single-file .safetensors")
-    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder if the model has none")
-    p.add_argument("--subsets", default=None, help="comma-separated subsets (default: all four)")
-    p.add_argument("--resolution", type=int, default=512, help="training crop size (paper: 512)")
-    p.add_argument("--no-crop", action="store_true", help="no random resized crop (plain resize)")
-    p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
-    p.add_argument("--max-side", type=int, default=None, help="pre-resize images so the long side is at most this")
-    add_common_args(p, lr=1e-5, batch_size=4, max_steps=200_000, ema_decay=0.9999)
-    return p
-
-
 def build(args: argparse.Namespace):
     if args.resolution % 8:
         raise InputError(f"--resolution must be a multiple of 8, got {args.resolution}")
@@ -173,18 +157,17 @@ def build(args: argparse.Namespace):
     return task, dataset
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-
-    def prepare(task, acc):  # the frozen VAE/text encoder/tokenizer are written once, beside the checkpoints
+def write_components(args: argparse.Namespace):
+    """``prepare`` for :func:`common.train`: the frozen VAE, text encoder and tokenizer are written once,
+    beside the checkpoints, by the main process."""
+    def prepare(task: DiffHarmonyTask, acc) -> None:
         if acc.is_main_process:
             task.save_components(Path(args.out) / COMPONENTS)
         acc.wait_for_everyone()
         task.components = Path(args.out) / COMPONENTS
 
-    return run_command(args, build, "DiffHarmony UNet written to {final} (a diffusers inpainting folder: copy it to "
-                                    "models/diffharmony/)", prepare)
-
-
+    return prepare
 if __name__ == "__main__":
-    sys.exit(main())
+    print("the training commands moved: run `harmonize-train-diffharmony` or "
+          "`python -m comfyui_harmonize.commands.train diffharmony ...`", file=sys.stderr)
+    sys.exit(2)

@@ -29,7 +29,7 @@ from ..evaluation import evaluator as ev
 from ..ihd import dataset as ihd
 from ..core import image_io
 from ..core.errors import InputError, WeightsError
-from .common import add_common_args, run_command
+
 from ..core.weights import load_state_dict
 
 FILE_NAME = "harmony_evaluator.safetensors"
@@ -156,21 +156,6 @@ class EvaluatorTask:
         model.train(was_training)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m comfyui_harmonize.pipelines.training.evaluator",
-                                description="Train the harmony evaluator (ResNet-50 over RGB + mask).")
-    p.add_argument("--data", default=None, help="iHarmony4 root: composites = 0, real images = 1")
-    p.add_argument("--scores", default=None, help="CSV image,mask,score with soft labels in [0, 1]")
-    p.add_argument("--subsets", default=None)
-    p.add_argument("--init", default=None, help="torchvision-layout ResNet state dict to start from")
-    p.add_argument("--size", type=int, default=ev.INPUT_SIZE, help="input side (paper: 256)")
-    p.add_argument("--no-flip", action="store_true")
-    p.add_argument("--layers", default="3,4,6,3", help="bottleneck blocks per stage (ResNet-50: 3,4,6,3)")
-    p.add_argument("--base-width", type=int, default=64, help="channels of the stem (ResNet-50: 64)")
-    add_common_args(p, lr=1e-4, batch_size=32, max_steps=5_000, ema_decay=0.0)
-    return p
-
-
 def build(args: argparse.Namespace):
     if not args.data and not args.scores:
         raise InputError("give --data (iHarmony4 composites vs real images) and/or --scores (a CSV of soft labels)")
@@ -189,10 +174,7 @@ def build(args: argparse.Namespace):
     return EvaluatorTask(model, args.size), dataset
 
 
-def main(argv=None) -> int:
-    return run_command(build_parser().parse_args(argv), build,
-                       "harmony evaluator written to {final}/" + FILE_NAME + " (copy it to models/harmony_evaluator/)")
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    print("the training commands moved: run `harmonize-train-evaluator` or "
+          "`python -m comfyui_harmonize.commands.train evaluator ...`", file=sys.stderr)
+    sys.exit(2)

@@ -32,7 +32,7 @@ from ..ihd import dataset as ihd
 from ..core.errors import InputError
 from ..diffharmony import pipeline as dh
 from ..diffharmony.refiner import DEFAULTS, RefinerUNet, load_refiner, refiner_input
-from .common import add_common_args, run_command
+
 
 # Published configurations of the refinement UNet (block_out_channels); training used "base".
 PRESETS = {"small": [64, 128, 256, 256], "base": [128, 256, 512, 512], "large": [256, 512, 1024, 1024]}
@@ -147,30 +147,6 @@ class RefinerTask:
         save_refiner(model, folder)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m comfyui_harmonize.pipelines.training.refiner",
-                                description="Train DiffHarmony's residual refinement UNet.")
-    p.add_argument("--data", required=True, help="iHarmony4 root")
-    p.add_argument("--diffharmony", default=None,
-                   help="the frozen DiffHarmony that generates the inputs (archive root or pipeline folder)")
-    p.add_argument("--cache", default=None, help="folder of <name>.png DiffHarmony results instead of generating")
-    p.add_argument("--config", default="base", help=f"{', '.join(PRESETS)} or a config.json (new refiner)")
-    p.add_argument("--init", default=None, help="start from an existing refinement/ folder (fine-tuning)")
-    p.add_argument("--in-channels", type=int, choices=(3, 4, 7), default=7,
-                   help="7 = [harmonized, mask, composite] (released model); 4 = without the composite; 3 = alone")
-    p.add_argument("--resolution", type=int, default=512, help="crop size the inputs are generated at")
-    p.add_argument("--refine-resolution", type=int, default=256, help="refiner input/output size")
-    p.add_argument("--gen-steps", type=int, default=5, help="DiffHarmony sampling steps when generating")
-    p.add_argument("--gen-scheduler", default="euler_ancestral")
-    p.add_argument("--subsets", default=None)
-    p.add_argument("--no-crop", action="store_true")
-    p.add_argument("--no-flip", action="store_true")
-    p.add_argument("--max-side", type=int, default=None)
-    p.add_argument("--tokenizer", default=None)
-    add_common_args(p, lr=1e-4, batch_size=8, max_steps=100_000, ema_decay=0.9999)
-    return p
-
-
 def build(args: argparse.Namespace):
     if not args.diffharmony and not args.cache:
         raise InputError("give --diffharmony (generate inputs on the fly) or --cache (pre-generated results)")
@@ -189,10 +165,7 @@ def build(args: argparse.Namespace):
     return task, dataset
 
 
-def main(argv=None) -> int:
-    return run_command(build_parser().parse_args(argv), build,
-                       "refinement UNet written to {final} (copy it to models/diffharmony/<archive>/refinement)")
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    print("the training commands moved: run `harmonize-train-refiner` or "
+          "`python -m comfyui_harmonize.commands.train refiner ...`", file=sys.stderr)
+    sys.exit(2)

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 import torch
 
+from comfyui_harmonize.commands import benchmark as bench_cli
 from comfyui_harmonize.pipelines.ihd import benchmark as bm
 from comfyui_harmonize.pipelines.diffharmony import pipeline as dh
 from comfyui_harmonize.pipelines.ihd import dataset as ihd
@@ -26,7 +27,7 @@ def data(tmp_path_factory):
 
 
 def args(data, out, *extra):
-    return bm.parse_args(["--data", str(data), "--out", str(out), "--quiet", *extra])
+    return bench_cli.parse_args(["--data", str(data), "--out", str(out), "--quiet", *extra])
 
 
 def read_csv(path):
@@ -99,7 +100,7 @@ def test_a_folder_never_mixes_settings(data, tmp_path):
         bm.run(args(data, out, "--method", "color_match", "--subsets", "HFlickr"))
     with pytest.raises(InputError, match="metric_size"):
         bm.run(args(data, out, "--method", "composite", "--metric-size", "128"))
-    assert bm.main(["--data", str(tmp_path / "absent"), "--out", str(tmp_path / "x"), "--method", "composite",
+    assert bench_cli.main(["--data", str(tmp_path / "absent"), "--out", str(tmp_path / "x"), "--method", "composite",
                     "--quiet"]) == 2
 
 
@@ -133,7 +134,7 @@ def test_two_process_accelerate_launch_writes_the_same_csv_as_one_process(data, 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           "-m", "comfyui_harmonize.pipelines.ihd.benchmark", *common, "--out", str(tmp_path / "two")]
+           "-m", "comfyui_harmonize.commands.benchmark", *common, "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parts = sorted(p.name for p in (tmp_path / "two" / "parts").glob("*.csv"))
@@ -142,7 +143,7 @@ def test_two_process_accelerate_launch_writes_the_same_csv_as_one_process(data, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        bm.run(bm.parse_args([*common, "--out", str(tmp_path / "one")]))
+        bm.run(bench_cli.parse_args([*common, "--out", str(tmp_path / "one")]))
     finally:
         torch.set_num_threads(threads)
     one = (tmp_path / "one" / "per_image.csv").read_bytes()

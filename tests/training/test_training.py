@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from comfyui_harmonize.commands import train as train_cli
 from comfyui_harmonize.nodes import diffharmony as DN
 from comfyui_harmonize.nodes import evaluation as EN
 from comfyui_harmonize.pipelines.diffharmony import pipeline as dh
@@ -67,7 +68,7 @@ def test_diffharmony_training(data, models_root, tmp_path, monkeypatch):
     argv = ["--data", str(data), "--pretrained", str(pretrained), "--resolution", "32", "--batch-size", "2",
             "--max-steps", "2", "--save-every", "1", "--lr", "2e-3", "--ema-decay", "0.9", "--out", str(out),
             "--gradient-checkpointing"]
-    args = tdh.build_parser().parse_args(argv)
+    args = train_cli.diffharmony_parser().parse_args(argv)
     task, dataset = tdh.build(args)
     assert len(dataset) == 8 and task.model.config.in_channels == 9
     task.save_components(out / tdh.COMPONENTS)
@@ -112,7 +113,7 @@ def test_diffharmony_training(data, models_root, tmp_path, monkeypatch):
     # resuming from checkpoint-1 restores exactly what was saved, then continues
     ckpt = out / "checkpoint-1"
     assert training.latest_checkpoint(out) == ckpt
-    args2 = tdh.build_parser().parse_args([*argv[:-3], "--out", str(tmp_path / "resumed"), "--resume", str(ckpt)])
+    args2 = train_cli.diffharmony_parser().parse_args([*argv[:-3], "--out", str(tmp_path / "resumed"), "--resume", str(ckpt)])
     task2, _ = tdh.build(args2)
     task2.components = out / tdh.COMPONENTS
     second = training.Trainer(task2, args2)
@@ -146,7 +147,7 @@ def test_refiner_training_on_the_fly(data, models_root, tiny_refiner_config, tmp
     argv = ["--data", str(data), "--diffharmony", str(archive), "--config", str(tiny_refiner_config),
             "--resolution", "32", "--refine-resolution", "16", "--gen-steps", "2", "--batch-size", "2",
             "--max-steps", "1", "--lr", "2e-3", "--out", str(out), "--gradient-checkpointing"]
-    args = trf.build_parser().parse_args(argv)
+    args = train_cli.refiner_parser().parse_args(argv)
     task, dataset = trf.build(args)
     trainer = training.Trainer(task, args)
     batch = ihd.collate([dataset[1], dataset[2]])
@@ -191,7 +192,7 @@ def test_refiner_training_from_a_cache(data, tiny_refiner_config, tmp_path):
     argv = ["--data", str(data), "--cache", str(cache), "--config", str(tiny_refiner_config), "--resolution", "32",
             "--refine-resolution", "16", "--batch-size", "2", "--max-steps", "1", "--ema-decay", "0",
             "--out", str(tmp_path / "run")]
-    args = trf.build_parser().parse_args(argv)
+    args = train_cli.refiner_parser().parse_args(argv)
     task, dataset = trf.build(args)
     item = dataset[0]
     assert task.sd is None and item["harm"].shape == (3, 32, 32)
@@ -218,7 +219,7 @@ def test_evaluator_training_with_hard_and_soft_labels(data, tmp_path, monkeypatc
     argv = ["--data", str(data), "--scores", str(data / "scores.csv"), "--layers", "1,1,1,1", "--base-width", "8",
             "--size", "32", "--batch-size", "4", "--max-steps", "2", "--lr", "3e-3", "--out", str(out),
             "--ema-decay", "0.9", "--gradient-checkpointing", "--mixed-precision", "bf16"]
-    args = tev.build_parser().parse_args(argv)
+    args = train_cli.evaluator_parser().parse_args(argv)
     task, dataset = tev.build(args)
     assert len(dataset) == 8 * 2 + len(train)
     labels = sorted({float(dataset[i]["score"]) for i in range(len(dataset))})
@@ -267,14 +268,14 @@ def test_evaluator_init_from_an_rgb_resnet(tmp_path):
     bad.write_text("image,score\nx.png,1\n")
     with pytest.raises(InputError, match="image,mask,score"):
         tev.csv_items(bad)
-    assert tev.main(["--out", str(tmp_path / "o")]) == 2
+    assert train_cli.main_evaluator(["--out", str(tmp_path / "o")]) == 2
 
 
 def test_evaluator_command_runs_end_to_end(data, tmp_path, capsys):
     out = tmp_path / "cmd"
     argv = ["--data", str(data), "--layers", "1,1,1,1", "--base-width", "8", "--size", "32", "--batch-size", "4",
             "--max-steps", "2", "--out", str(out)]
-    assert tev.main(argv) == 0
+    assert train_cli.main_evaluator(argv) == 0
     said = capsys.readouterr().out
     written = next(p for p in out.rglob(tev.FILE_NAME))
     assert f"harmony evaluator written to {written}" in said
