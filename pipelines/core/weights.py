@@ -93,27 +93,24 @@ def load_state_dict(path: str | os.PathLike, map_location: str = "cpu") -> dict[
     return obj
 
 
+def check_keys(own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str, target: str,
+               unexpected_ok: bool = False) -> None:
+    """The strict-load diagnosis of the pack: raise a WeightsError saying how the weights in ``source`` differ
+    from ``target``'s state dict ``own`` (shape mismatches, missing keys and, unless ``unexpected_ok``,
+    unexpected keys: how many of each and the first one)."""
+    wrong = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [] if unexpected_ok else [k for k in state_dict if k not in own]
+    parts = [f"{len(keys)} {what} (first: {keys[0]})" for keys, what in
+             ((wrong, "shape mismatches"), (missing, "missing keys"), (unexpected, "unexpected keys")) if keys]
+    if parts:
+        raise WeightsError(f"weights in {source} do not fit {target}: " + "; ".join(parts))
+
+
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> nn.Module:
     """Load ``state_dict`` strictly; on mismatch say which keys/shapes differ and from which file."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches (first: {wrong[0]})")
-        if missing:
-            parts.append(f"{len(missing)} missing keys (first: {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
-        raise WeightsError(
-            f"weights in {source} do not fit the {type(model).__name__} built from its config: " + "; ".join(parts)
-        )
+    check_keys(model.state_dict(), state_dict, source, f"the {type(model).__name__} built from its config")
     model.load_state_dict(state_dict, strict=True, assign=_is_meta(model))
     return model
 

@@ -33,6 +33,7 @@ from ..color.restore import restore
 from ..core.errors import InputError, WeightsError
 from ..sd.loading import SDComponents
 from ..sd.models import load_sd
+from ..sd.prompts import prompt_embedding
 from .refiner import refine
 
 SCHEDULERS = ("euler_ancestral", "euler", "ddim", "dpmpp_2m", "unipc")
@@ -101,18 +102,6 @@ def make_scheduler(name: str, scheduler_config: dict):
 
 def module_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
-
-
-@torch.no_grad()
-def prompt_embedding(sd: SDComponents, prompt: str = "") -> torch.Tensor:
-    """CLIP last hidden state for ``prompt`` padded to the tokenizer's max length (77); cached per prompt."""
-    device = module_device(sd.text_encoder)
-    key = ("prompt", prompt, device, sd.text_encoder.dtype)
-    if key not in sd.cache:
-        ids = sd.tokenizer(prompt, padding="max_length", max_length=sd.tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt").input_ids.to(device)
-        sd.cache[key] = sd.text_encoder(ids)[0]
-    return sd.cache[key]
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..core import images, model_files
 from ..core.errors import InputError, WeightsError
-from ..core.weights import empty_weights, load_state_dict
+from ..core.weights import check_keys, empty_weights, load_state_dict
 
 RESNET50_LAYERS = (3, 4, 6, 3)
 INPUT_SIZE = 256
@@ -192,14 +192,7 @@ def build_from_state_dict(sd: dict[str, torch.Tensor], source: str) -> ResNet:
     for k, v in own.items():
         if k.endswith("num_batches_tracked") and k not in sd:
             sd[k] = v
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = [f"{len(x)} {what} (first: {x[0]})" for x, what in
-                 ((wrong, "shape mismatches"), (missing, "missing keys"), (unexpected, "unexpected keys")) if x]
-        raise WeightsError(f"weights in {source} do not fit a ResNet {cfg['layers']}: " + "; ".join(parts))
+    check_keys(own, sd, source, f"a ResNet {cfg['layers']}")
     model.load_state_dict({k: sd[k].to(own[k].dtype).contiguous() for k in own}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

@@ -33,6 +33,7 @@ from ..ihd import dataset as ihd
 from ..core.errors import InputError, WeightsError
 from ..diffharmony.pipeline import check_inpainting
 from ..sd.models import load_sd
+from ..sd.prompts import prompt_embedding
 from ..sd.loading import SDComponents
 from .common import link_or_copy_tree
 
@@ -100,11 +101,7 @@ class DiffHarmonyTask:
         self.model.to(device)  # trained in fp32 master weights; autocast handles mixed precision
         self.sd.vae.to(device, dtype=weight_dtype)
         self.sd.text_encoder.to(device, dtype=weight_dtype)
-        tok = self.sd.tokenizer
-        ids = tok(self.prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(device)
-        with torch.no_grad():
-            self.embedding = self.sd.text_encoder(ids)[0].float()
+        self.embedding = prompt_embedding(self.sd, self.prompt).float()
 
     def enable_gradient_checkpointing(self) -> None:
         self.model.enable_gradient_checkpointing()

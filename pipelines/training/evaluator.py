@@ -30,7 +30,7 @@ from ..ihd import dataset as ihd
 from ..core import image_io
 from ..core.errors import InputError, WeightsError
 
-from ..core.weights import load_state_dict
+from ..core.weights import check_keys, load_state_dict
 
 FILE_NAME = "harmony_evaluator.safetensors"
 
@@ -121,9 +121,7 @@ def init_from(model: ev.ResNet, path) -> ev.ResNet:
     for k, v in own.items():
         if k.endswith("num_batches_tracked") and k not in sd:
             sd[k] = v
-    missing = [k for k in own if k not in sd]
-    if missing:
-        raise WeightsError(f"{path} lacks {len(missing)} keys of the model (first: {missing[0]})")
+    check_keys(own, sd, str(path), "the model being trained", unexpected_ok=True)
     model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own}, strict=True)
     return model
 

@@ -19,6 +19,7 @@ import torch
 # (which imports every node module), while a graph that never loads this model does not need them.
 from ..core import images
 from ..core.errors import InputError, WeightsError
+from ..sd import prompts as prompts_
 from ..sd.loading import SDComponents
 
 COUNTED = ("unet", "vae_encoder", "vae_decoder", "text_encoder", "pidinet")
@@ -158,7 +159,6 @@ class ZeroShotModel:
         self.components = components
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._counting = _Counting()
-        self._uncond: dict = {}
 
     # -- parts
     @property
@@ -249,24 +249,18 @@ class ZeroShotModel:
 
     # -- text
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids
+        return prompts_.token_ids(self.tokenizer, prompts)
 
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.text_encoder(ids.to(self.device))
-        return _first_tensor(out)
+        return prompts_.encode_ids(self.text_encoder, ids.to(self.device))
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         return self.encode_ids(self.token_ids(prompts)).float()
 
     def empty_embedding(self) -> torch.Tensor:
-        """The empty-prompt embedding ``[1, 77, D]`` (cached per device)."""
-        key = str(self.device)
-        if key not in self._uncond:
-            self._uncond[key] = self.encode_prompts([""])
-        return self._uncond[key]
+        """The empty-prompt embedding ``[1, 77, D]`` in float32 (encoded once: sd/prompts.py's cache)."""
+        return prompts_.prompt_embedding(self.components, "", self.device).float()
 
     # -- UNet
     def unet_out(self, latents: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
