@@ -40,6 +40,7 @@ from comfyui_harmonize.pipelines.describe import vlm
 from comfyui_harmonize.pipelines.diffharmony import pipeline as dh
 from comfyui_harmonize.pipelines.diffharmony import refiner as rf
 from comfyui_harmonize.pipelines.evaluation import metrics
+from comfyui_harmonize.commands import benchmark as bench_cli
 from comfyui_harmonize.pipelines.ihd import benchmark as bm
 from conftest import make_composite
 
@@ -311,21 +312,21 @@ def _benchmark_failed_save(sb):
     real = bm.save_png
     sb.monkeypatch.setattr(bm, "save_png", fail)
     with pytest.raises(OSError):
-        bm.run(bm.parse_args(argv))
+        bm.run(bench_cli.parse_args(argv))
     rows_after_failure = bm.read_rows(sb.out)
     sb.monkeypatch.setattr(bm, "save_png", real)
-    bm.run(bm.parse_args(argv))
+    bm.run(bench_cli.parse_args(argv))
     return rows_after_failure, sorted(p.name for p in (sb.out / "images").iterdir())
 
 
 def _benchmark_resume_missing_image(sb):
     data, argv = _benchmark(sb, "--save-images")
-    bm.run(bm.parse_args(argv))
+    bm.run(bench_cli.parse_args(argv))
     images_dir = sb.out / "images"
     victim = sorted(images_dir.iterdir())[0]
     victim.unlink()
     seen = []
-    bm.run(bm.parse_args(argv), on_image=seen.append)
+    bm.run(bench_cli.parse_args(argv), on_image=seen.append)
     return victim.stem, seen, victim.is_file()
 
 
@@ -510,7 +511,7 @@ ROWS: dict[str, Row] = {
                               check=exits(2, "model not found")),
     "CLI: folder re-run skips finished images": Row(_folder_rerun, check=_check_rerun),
     # ---- benchmark
-    "benchmark --max-side 0": Row(lambda sb: bm.parse_args(_benchmark(sb, "--max-side", "0")[1]), SystemExit),
+    "benchmark --max-side 0": Row(lambda sb: bench_cli.parse_args(_benchmark(sb, "--max-side", "0")[1]), SystemExit),
     "benchmark: failed save leaves no row": Row(_benchmark_failed_save, check=_check_failed_save),
     "benchmark: resume recomputes a missing image": Row(
         _benchmark_resume_missing_image, check=lambda r, sb: (r[1] == [r[0]] and r[2])),
