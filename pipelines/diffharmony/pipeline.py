@@ -34,6 +34,7 @@ from ..core.errors import InputError, WeightsError
 from ..sd.loading import SDComponents
 from ..sd.models import load_sd
 from ..sd.prompts import prompt_embedding
+from . import condition_vae as cv
 from .refiner import refine
 
 SCHEDULERS = ("euler_ancestral", "euler", "ddim", "dpmpp_2m", "unipc")
@@ -226,8 +227,6 @@ def decode_with_condition(cvae, latents: torch.Tensor, composite: torch.Tensor, 
     the whole composite and the binarised mask, resized to the working size the latents have (8x their size,
     so the composite is resized exactly as ``encode`` resized it, keep-aspect or square); the condition's
     posterior is sampled from the ``condition`` stream of ``seed``, as the authors' pipeline samples it."""
-    from . import condition_vae as cv
-
     with cancelling.inside(cvae, cancel):
         return cv.decode(cvae, latents, composite, mask, generator=generator(seed, "condition"))
 
