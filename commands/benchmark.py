@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pre-resize inputs so the long side is at most this (e.g. 1024 for HAdobe5k)")
     p.add_argument("--metric-size", type=int, default=METRIC_SIZE,
                    help="images are measured at this square size (256 = the paper; 0 = native size)")
-    p.add_argument("--no-quantize", action="store_true", help="measure float images (no 8-bit rounding)")
+    p.add_argument("--no-quantize", action="store_true", help="measure float images (no 8-bit levels)")
+    p.add_argument("--pred-levels", choices=bm.PRED_LEVELS, default="round",
+                   help="how a result becomes 8-bit before it is measured and saved: round, or truncate as the "
+                        "official script's saved files are (use with --preprocess official for parity)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed is derived from it and its name")
     p.add_argument("--save-images", action="store_true", help="also write images/<name>.png")
     p.add_argument("--label", default=None, help="method name shown in the tables")
@@ -53,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refine-resolution", type=int, default=256)
     g.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
     g.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder if the model has none")
+    g.add_argument("--decoder", choices=bm.DECODERS, default="vae",
+                   help="condition-vae: decode with the archive's condition_vae/ (beside base/, or --condition-vae)")
+    g.add_argument("--condition-vae", default=None, help="condition_vae/ folder (default: beside the model's base/)")
+    g.add_argument("--preprocess", choices=bm.PREPROCESS, default="pack",
+                   help="official: feed the networks exactly what the authors' loader feeds them (PIL resize of "
+                        "the 8-bit files, dithered 1-bit mask, square, their 256 square result without the "
+                        "background pasted back); pack: the pack's own path")
     return p
 
 
@@ -78,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.refine_resolution % 16 or not 16 <= args.refine_resolution <= 16384:
             p.error(f"--refine-resolution {args.refine_resolution}: expected a multiple of 16 in 16..16384 "
                     f"(the paper: 256)")
+    if args.method == "diffharmony" and args.preprocess == "official" and args.max_side is not None:
+        p.error("--max-side resizes the inputs, but --preprocess official reads the files as the authors' "
+                "loader does: leave one of them out")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file; expected an output folder")
     return args

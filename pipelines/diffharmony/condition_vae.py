@@ -344,7 +344,14 @@ def decode(cvae: ConditionVAE, latents: torch.Tensor, composite: torch.Tensor, m
         raise InputError(f"condition must be [B,{want},{size[0]},{size[1]}], got {tuple(cond.shape)}")
     if cond.shape[0] not in (1, b):
         raise InputError(f"batch mismatch: {b} latents but {cond.shape[0]} composites")
-    cond = cond.expand(b, *cond.shape[1:])
+    return images.from_signed(decode_signed(cvae, latents, cond.expand(b, *cond.shape[1:]), generator,
+                                            sample_posterior))
+
+
+@torch.no_grad()
+def decode_signed(cvae: ConditionVAE, latents: torch.Tensor, cond: torch.Tensor,
+                  generator: torch.Generator | None = None, sample_posterior: bool = True) -> torch.Tensor:
+    """``decode`` on a ready condition, returning ``[B,3,H,W]`` in the decoder's range (about [-1, 1])."""
     device, dtype = cvae.device, cvae.dtype
     posterior, skips, mid_skip = cvae.encode_cond(cond.to(device=device, dtype=dtype))
     if sample_posterior:  # drawn on the CPU in float32 so every device gives the same draw
@@ -354,4 +361,4 @@ def decode(cvae: ConditionVAE, latents: torch.Tensor, composite: torch.Tensor, m
         z_cond = posterior.mode()
     z = latents.to(device=device, dtype=dtype)
     hidden = cvae.post_quant_conv(z) + cvae.latent_skip_conv(cvae.post_quant_conv(z_cond))
-    return images.from_signed(cvae.decode_skips(hidden, skips, mid_skip))
+    return cvae.decode_skips(hidden, skips, mid_skip)

@@ -49,6 +49,7 @@ from ..color.match import lab_color_match
 from ..core.dtypes import resolve_dtype
 from ..core.errors import InputError
 from ..diffharmony.build import build_diffharmony, chosen_refiner
+from ..diffharmony import official
 from ..diffharmony import pipeline as dh
 
 FIELDS = ("name", "subset", "psnr", "mse", "fmse", "bmse", "fg_ratio", "bucket", "seed")
@@ -61,39 +62,60 @@ PUBLISHED = {
     "DiffHarmony 512 + refine, paper": (39.47, 19.59, 205.07),
     "DiffHarmony 512 no refine, paper": (37.65, 26.14, 290.66),
 }
-Method = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+Method = Callable[[torch.Tensor, torch.Tensor, int, "ihd.Sample"], torch.Tensor]
+PREPROCESS = ("pack", "official")
+DECODERS = ("vae", "condition-vae")
+PRED_LEVELS = ("round", "truncate")
 
 
 # ------------------------------------------------------------------------------------------- methods
 def build_method(args: argparse.Namespace, device: torch.device) -> Method:
     if args.method == "composite":
-        return lambda composite, mask, seed: composite.clone()
+        return lambda composite, mask, seed, sample: composite.clone()
     if args.method == "color_match":
-        return lambda composite, mask, seed: lab_color_match(composite, mask)
+        return lambda composite, mask, seed, sample: lab_color_match(composite, mask)
     if args.method == "diffharmony":
-        sd, refiner, _ = build_diffharmony(args.model, refiner=args.refiner, no_refine=args.no_refine,
-                                        dtype=resolve_dtype(args.dtype, device), device=device,
-                                        tokenizer_dir=args.tokenizer)
+        sd, refiner, cvae = build_diffharmony(args.model, refiner=args.refiner, no_refine=args.no_refine,
+                                              condition_vae=args.decoder == "condition-vae",
+                                              condition_vae_path=args.condition_vae,
+                                              dtype=resolve_dtype(args.dtype, device), device=device,
+                                              tokenizer_dir=args.tokenizer)
 
-        def run(composite, mask, seed):
+        def run(composite, mask, seed, sample):
+            if args.preprocess == "official":  # the authors' loader on the files, their 256 square back
+                inputs = official.prepare_files(sample.composite, sample.mask, args.resolution,
+                                                args.refine_resolution)
+                return official.harmonize(sd, inputs, seed=seed, steps=args.steps, scheduler=args.scheduler,
+                                          guidance=args.guidance, refiner=refiner, condition_vae=cvae)
             return dh.harmonize(sd, composite, mask, seed=seed, steps=args.steps, resolution=args.resolution,
                                 scheduler=args.scheduler, guidance=args.guidance, square=args.fit == "square",
-                                refiner=refiner, refine_resolution=args.refine_resolution)
+                                refiner=refiner, refine_resolution=args.refine_resolution, condition_vae=cvae)
 
         return run
     raise InputError(f"unknown method {args.method!r}; expected one of {', '.join(METHODS)}")
+
+
+def saved_levels(image: torch.Tensor, levels: str) -> torch.Tensor:
+    """The result as the 8-bit file a run saves: ``round`` (the pack's PNGs) or ``truncate`` (the official
+    script saves with torchvision's ``to_pil_image``, ``mul(255).byte()``: truncated, about half a level
+    low on average)."""
+    if levels == "truncate":
+        return (image.float() * 255).to(torch.uint8).float() / 255
+    return (image.clamp(0, 1) * 255).round() / 255
 
 
 def run_settings(args: argparse.Namespace) -> dict:
     """What determines the per-image rows (a folder's rows must all come from these settings)."""
     s = {"method": args.method, "split": args.split, "data": str(Path(args.data).resolve()),
          "metric_size": args.metric_size, "quantize": not args.no_quantize, "max_side": args.max_side,
-         "seed": args.seed}
+         "seed": args.seed, "pred_levels": args.pred_levels}
     if args.method == "diffharmony":
         refiner = chosen_refiner(args.model, args.refiner, args.no_refine)
         s.update(model=str(Path(args.model).resolve()), refiner=str(refiner.resolve()) if refiner else None,
                  resolution=args.resolution, fit=args.fit, steps=args.steps, scheduler=args.scheduler,
-                 guidance=args.guidance, refine_resolution=args.refine_resolution, dtype=args.dtype)
+                 guidance=args.guidance, refine_resolution=args.refine_resolution, dtype=args.dtype,
+                 preprocess=args.preprocess, decoder=args.decoder,
+                 condition_vae=str(Path(args.condition_vae).resolve()) if args.condition_vae else None)
     return s
 
 
@@ -301,7 +323,9 @@ def run(args: argparse.Namespace, on_image: Callable[[str], None] | None = None)
                           position=state.process_index):
                 d = ihd.load_sample(s, args.max_side)
                 seed = ihd.name_seed(s.name, args.seed)
-                result = method(d["composite"], d["mask"], seed)
+                result = method(d["composite"], d["mask"], seed, s)
+                if not args.no_quantize:
+                    result = saved_levels(result, args.pred_levels)
                 values = metrics.image_metrics(result, d["real"], d["mask"], size=metric_size,
                                                quantize=not args.no_quantize)
                 if args.save_images:  # the image first: a row is the record that the image is complete

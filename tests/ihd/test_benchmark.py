@@ -126,6 +126,41 @@ def test_diffharmony_rows_use_name_derived_seeds(data, models_root, tmp_path):
     assert saved.is_file()
 
 
+def test_official_preprocessing_condition_vae_and_truncated_levels(data, models_root, tmp_path):
+    """--preprocess official --decoder condition-vae --pred-levels truncate: each row measures the official
+    path's 256-square result (here 32), truncated to 8 bits as the authors' to_pil_image saves it."""
+    from comfyui_harmonize.pipelines.diffharmony import condition_vae as cv
+    from comfyui_harmonize.pipelines.diffharmony import official
+
+    archive = models_root / "diffharmony" / "DiffHarmony"
+    out = tmp_path / "off"
+    bm.run(args(data, out, "--model", str(archive), "--resolution", "32", "--steps", "1", "--limit", "1",
+                "--subsets", "HFlickr", "--refine-resolution", "32", "--preprocess", "official",
+                "--decoder", "condition-vae", "--pred-levels", "truncate", "--save-images"))
+    settings = json.loads((out / "run.json").read_text())
+    assert (settings["preprocess"], settings["decoder"], settings["pred_levels"]) == ("official", "condition-vae",
+                                                                                    "truncate")
+    sample = ihd.list_split(data, "test", subsets="HFlickr")[0]
+    row = read_csv(out / "per_image.csv")[0]
+    seed = ihd.name_seed(sample.name, 0)
+    inputs = official.prepare_files(sample.composite, sample.mask, 32, 32)
+    result = official.harmonize(dh.load_diffharmony(archive), inputs, seed=seed, steps=1,
+                                refiner=load_refiner(archive / "refinement"), condition_vae=cv.load_condition_vae(archive))
+    truncated = (result * 255).to(torch.uint8)
+    assert (truncated.float() < (result * 255).round()).any()  # truncation is not rounding
+    d = ihd.load_sample(sample)
+    ref = metrics.image_metrics(truncated.float() / 255, d["real"], d["mask"])
+    assert float(row["fmse"]) == pytest.approx(float(ref["fmse"][0]), abs=1e-5)
+    from PIL import Image
+    import numpy as np
+
+    saved = np.array(Image.open(out / "images" / f"{sample.name}.png"))
+    assert saved.shape == (32, 32, 3) and (saved == truncated[0].numpy()).all()
+    with pytest.raises(SystemExit):
+        bench_cli.parse_args(["--data", str(data), "--out", str(tmp_path / "x"), "--model", str(archive),
+                       "--preprocess", "official", "--max-side", "64"])
+
+
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not installed")
 def test_two_process_accelerate_launch_writes_the_same_csv_as_one_process(data, models_root, tmp_path):
     archive = models_root / "diffharmony" / "DiffHarmony"
