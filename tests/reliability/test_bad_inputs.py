@@ -526,7 +526,31 @@ ROWS: dict[str, Row] = {
     "VLM timeout 0": Row(lambda sb: vlm.make_backend("ollama", timeout=0), InputError, "timeout must be positive"),
 }
 
+def _looping_models(sb):
+    """A models root whose folders hold links back to the root, to themselves and to each other (the walker
+    in pipelines/core/model_files.py; its own tests are in tests/core/test_model_files.py)."""
+    root = sb.inp / "models"
+    for kind in ("diffharmony", "pidinet", "LLM"):
+        (root / kind).mkdir(parents=True)
+        (root / kind / "to_models").symlink_to(root, target_is_directory=True)
+        (root / kind / "self").symlink_to(root / kind, target_is_directory=True)
+        os.symlink("pong", root / kind / "ping")
+        os.symlink("ping", root / kind / "pong")
+    (root / "diffharmony" / "DiffHarmony").symlink_to(dh_model(sb), target_is_directory=True)
+    (root / "pidinet" / "table5_pidinet.pth").write_bytes(b"x")
+    sb.monkeypatch.setenv("HARMONIZE_MODELS_DIR", str(root))
+    from comfyui_harmonize.nodes import host
+    from comfyui_harmonize.pipelines.edges import pidinet
+
+    return (sorted(host.sd_model_choices(("diffharmony",))),
+            sorted(rf.find_refiners(host.model_roots("diffharmony"))),
+            sorted(pidinet.find_checkpoints(host.model_roots("pidinet"))),
+            sorted(vlm.local_models(host.model_roots("LLM"))))
+
+
 HANGS = {  # rows that hung (or took minutes) before: bounded by the runner
+    "symlink loops in the model folders": Row(_looping_models, check=lambda r, sb: r == (
+        ["diffharmony/DiffHarmony"], ["DiffHarmony/refinement"], ["table5_pidinet.pth"], [])),
     "feather 256 at 800x600": Row(_feather_large_radius, check=lambda r, sb: float(r.max()) == 1.0),
     "Ollama server that never answers": Row(_ollama_hangs, vlm.BackendError, "gave no answer within 1 s"),
 }
