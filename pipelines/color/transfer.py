@@ -198,7 +198,7 @@ class AffineGrid:
 
 
 def _fit(guide: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, radius: int, step: int,
-         eps: float, prior: float) -> AffineGrid:
+         eps: float, prior: float, cancel: cancelling.Cancel = None) -> AffineGrid:
     """Local affine fit for one guide (already blurred as wanted); inputs float64 ``[3,h,w]``/``[h,w]``."""
     h, w = weight.shape
     wflat = weight.reshape(-1)
@@ -213,6 +213,7 @@ def _fit(guide: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, radius
     rc = max(1, int(round(radius / step)))  # window radius in cells
 
     def moment(x: torch.Tensor) -> torch.Tensor:  # [h,w] per-pixel product -> window mean on the grid
+        cancelling.check(cancel)  # 22 moments: a cancel point every few hundred ms at the fit size
         pooled = F.avg_pool2d(x[None, None], step, step, ceil_mode=True)[0] if step > 1 else x[None]
         return box_mean(pooled, rc)[0]
 
@@ -307,7 +308,7 @@ def fit_local_affine(guide: torch.Tensor, target: torch.Tensor, weight: torch.Te
 
     ``guide``, ``target``: ``[3, h, w]`` 0..1 at the same size; ``weight``: ``[h, w]`` in 0..1 (an all-zero
     weight fits the whole image). ``blur_sigma`` None estimates it from ``blur_sigmas`` (``estimate_blur``).
-    ``cancel`` is checked per candidate blur and before the fit.
+    ``cancel`` is checked per candidate blur and per window moment of the fit.
     """
     if eps <= 0 or prior <= 0:
         raise InputError(f"eps and prior must be > 0, got eps={eps}, prior={prior}")
@@ -331,8 +332,7 @@ def fit_local_affine(guide: torch.Tensor, target: torch.Tensor, weight: torch.Te
         blur_sigma = estimate_blur(g, t, wt, r, s, sigmas, eps, prior, cancel)
     elif blur_sigma < 0:
         raise InputError(f"blur_sigma must be >= 0 (pixels at the fit resolution), got {blur_sigma}")
-    cancelling.check(cancel)
-    grid = _fit(gaussian_blur(g, float(blur_sigma)), t, wt, r, s, eps, prior)
+    grid = _fit(gaussian_blur(g, float(blur_sigma)), t, wt, r, s, eps, prior, cancel)
     grid.blur_sigma = float(blur_sigma)
     return grid
 
@@ -363,7 +363,7 @@ def transfer_color(composite: torch.Tensor, harmonized: torch.Tensor, mask: torc
     regularisation; ``blur_sigma``: the harmonized result's softness in fit pixels (None: estimated);
     ``fit_long_side``: the fit runs at the harmonized size, scaled down to at most this long side.
     Deterministic; never modifies its inputs. ``callback(step, total)`` is called once per image;
-    ``cancel`` is checked per candidate blur, before each fit and before every strip of the full-resolution
+    ``cancel`` is checked per candidate blur, per window moment of each fit and before every strip of the full-resolution
     pass (``STRIP_PIXELS`` pixels).
     """
     composite, mask = images.image_and_mask(composite, mask)
@@ -376,6 +376,7 @@ def transfer_color(composite: torch.Tensor, harmonized: torch.Tensor, mask: torc
     size = fit_size_for(tuple(harmonized.shape[1:3]), int(fit_long_side))
     out = torch.empty(bsz, hh, ww, 3, dtype=torch.float32)
     for i in range(bsz):
+        cancelling.check(cancel)
         guide = images.resize_nchw(images.to_nchw(composite[i:i + 1]), size)[0].clamp(0, 1)
         target = images.resize_nchw(images.to_nchw(harmonized[i:i + 1]), size)[0].clamp(0, 1)
         weight = images.resize_nchw(mask[i:i + 1, None], size)[0, 0].clamp(0, 1)
