@@ -9,7 +9,10 @@
 2. ``--transfers`` runs of the full-resolution Color Transfer node at ``--size`` (W x H).
 
 Prints the process's resident memory (RSS, from /proc) and, with CUDA, the memory torch holds, at fixed
-run counts, and the growth in percent from the first count after warm-up to the last. Each run gets new
+run counts, and the growth in percent from the first count after warm-up to the last. glibc keeps freed
+blocks of large temporaries mapped, so the raw RSS of a process that allocates 100 MB buffers swings by
+hundreds of MB from run to run; before each reading the script returns freed memory to the system
+(``malloc_trim``) so the growth figure follows what is really held, and prints the raw figure beside it. Each run gets new
 input tensors, as ComfyUI hands over new outputs of upstream nodes.
 """
 from __future__ import annotations
@@ -76,10 +79,22 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def trim() -> bool:
+    """Return freed heap memory to the system (glibc); False where there is no malloc_trim."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+    except (OSError, AttributeError):
+        return False
+
+
 def memory_line(run: int, start: float) -> tuple[str, float]:
     gc.collect()
+    raw = rss_mib()
+    trimmed = trim()
     rss = rss_mib()
-    text = f"  run {run:4d}: RSS {rss:8.1f} MiB"
+    text = f"  run {run:4d}: RSS {rss:8.1f} MiB" + (f" (before malloc_trim {raw:8.1f} MiB)" if trimmed else "")
     if torch.cuda.is_available():
         text += f", CUDA allocated {torch.cuda.memory_allocated() / 2**20:8.1f} MiB"
     return text + f"  ({time.perf_counter() - start:6.1f} s)", rss

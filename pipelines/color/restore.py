@@ -27,6 +27,7 @@ def restore(harmonized: torch.Tensor, composite: torch.Tensor, mask: torch.Tenso
     harmonized = images.image_batch(harmonized, "harmonized")
     composite, harmonized = images.match_batches(composite, harmonized, ("composite", "harmonized"))
     mask = images.match_batches(composite, mask)[1]
+    cancelling.check(cancel)  # validating a 24-megapixel input takes seconds on a busy CPU
     if detail == "transfer":
         harmonized = transfer_color(composite, harmonized, mask, cancel=cancel)
     elif detail != "resample":
