@@ -871,6 +871,148 @@ def test_interrupt_then_next_run_succeeds(host):
                             f"next run succeeded in {time.monotonic() - t1:.1f} s")
 
 
+# ------------------------------------------------------------------- cancel outside the sampler (issue 12)
+def _api_node(host, cls: str, **given) -> dict:
+    """An API-format node of ``cls`` with ``given`` inputs and every other required widget at its default."""
+    inputs = dict(given)
+    for name, spec in host.object_info[cls]["input"]["required"].items():
+        if name in inputs:
+            continue
+        kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+        if isinstance(kind, list):
+            inputs[name] = opts.get("default", kind[0])
+        elif "default" in opts:
+            inputs[name] = opts["default"]
+    return {"class_type": cls, "inputs": inputs}
+
+
+def _interrupt_when_running(host, prompt: dict, key: str, ready=lambda: True) -> tuple[dict, float, float]:
+    """Queue ``prompt``, send /interrupt once ComfyUI reports node ``key`` executing (and ``ready()``), then
+    wait for the end. Returns the history entry, seconds from queueing to the interrupt and from the
+    interrupt to the end of the prompt."""
+    try:
+        from websockets.sync.client import connect
+    except ImportError:
+        pytest.skip("the websockets package is needed to see which node is executing")
+    with connect(f"ws://127.0.0.1:{host.port}/ws?clientId={host.client_id}", max_size=None) as ws:
+        pid = host.queue(prompt)
+        t0 = time.monotonic()
+        while True:
+            msg = ws.recv(timeout=RUN_S)
+            if isinstance(msg, bytes):
+                continue
+            msg = json.loads(msg)
+            data = msg.get("data", {})
+            if data.get("prompt_id") not in (None, pid):
+                continue
+            if msg["type"] == "executing" and data.get("node") == key:
+                break
+            if msg["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+                raise HostError(f"the run ended before node {key} started: {msg}")
+    while not ready():
+        if time.monotonic() - t0 > RUN_S:
+            raise HostError(f"node {key} never got ready to be interrupted")
+        time.sleep(0.1)
+    time.sleep(1.0)  # well inside the node: its first strips, or the request in flight
+    t1 = time.monotonic()
+    host.request("/interrupt", {})
+    entry = host.wait(pid)
+    return entry, t1 - t0, time.monotonic() - t1
+
+
+def _assert_interrupted_in(entry: dict, key: str) -> None:
+    kinds = [m[0] for m in entry["status"].get("messages", [])]
+    errors = [{k: m[1].get(k) for k in ("node_type", "exception_message")} for m in entry["status"]["messages"]
+              if m[0] == "execution_error"]
+    assert "execution_interrupted" in kinds, f"the run was not interrupted: {kinds} {errors}"
+    where = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_interrupted"][0]
+    assert where.get("node_id") == key, f"interrupted in node {where.get('node_id')}, expected node {key}"
+
+
+def _assert_healthy(host) -> None:
+    assert host.proc.poll() is None, "the server died after the interrupt"
+    assert host.get("/system_stats")["system"]["comfyui_version"]
+    assert host.get("/queue") == {"queue_running": [], "queue_pending": []}
+
+
+def test_interrupt_long_color_transfer_and_hanging_vlm_request(host, ollama):
+    """Cancel in stages with no sampler: a colour transfer on a 24-megapixel composite (stops at the next
+    strip) and a describe request to a server that never answers (stops while the request is in flight,
+    not after its 3600 s timeout); the server stays healthy and runs the next prompt."""
+    import socket
+    import threading
+
+    big = host.input_dir / "harmonize_reliab_big.png"
+    h, w = 4000, 6000
+    yy, xx = np.mgrid[0:h:8, 0:w:8].astype(np.float32)
+    small = np.stack([xx / w, yy / h, 0.5 + 0.4 * np.sin(xx / 90 + yy / 130)], -1)
+    Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR).save(big)
+    harmonized = host.input_dir / "harmonize_reliab_harmonized.png"
+    Image.fromarray((small[::2, ::2] * 200).astype(np.uint8)).save(harmonized)  # a working-size result
+    mask = host.input_dir / "harmonize_reliab_mask.png"  # the composite's aspect ratio, resized by the node
+    my, mx = np.mgrid[0:400, 0:600]
+    Image.fromarray(((((my - 200) / 120) ** 2 + ((mx - 300) / 150) ** 2 <= 1) * 255).astype(np.uint8)).save(mask)
+    transfer = {
+        "1": _api_node(host, "LoadImage", image=big.name),
+        "2": _api_node(host, "LoadImageMask", image=mask.name, channel="red"),
+        "3": _api_node(host, "LoadImage", image=harmonized.name),
+        "4": _api_node(host, "HarmonizeColorTransfer", composite=["1", 0], harmonized=["3", 0], mask=["2", 0],
+                       feather=0),
+        "5": _api_node(host, "PreviewImage", images=["4", 0]),
+    }
+    entry, before, stop_s = _interrupt_when_running(host, transfer, "4")
+    _assert_interrupted_in(entry, "4")
+    _assert_healthy(host)
+    notes = [f"colour transfer at {w}x{h} interrupted in its node after {before:.1f} s, ended {stop_s:.1f} s "
+             f"after /interrupt"]
+
+    hanging = socket.create_server(("127.0.0.1", 0))
+    got, hung_up = threading.Event(), threading.Event()
+
+    def serve():  # reads the request, never answers; notes when the client hangs up
+        try:
+            conn, _ = hanging.accept()
+        except OSError:
+            return
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(1 << 20)
+                except OSError:
+                    data = b""
+                if not data:
+                    hung_up.set()
+                    return
+                got.set()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{hanging.getsockname()[1]}"
+    describe = {
+        "1": _api_node(host, "LoadImage", image=harmonized.name),
+        "2": _api_node(host, "LoadImageMask", image=mask.name, channel="red"),
+        "3": _api_node(host, "HarmonizeDescribe", image=["1", 0], mask=["2", 0], backend="ollama", url=url,
+                       timeout=3600.0, retries=0, k=1, local_model="none", model_name="", seed=5),
+    }
+    describe["4"] = _api_node(host, "PreviewAny", source=["3", 1])  # an output node, so the describe node runs
+    try:
+        entry, before, stop_s = _interrupt_when_running(host, describe, "3", ready=got.is_set)
+        _assert_interrupted_in(entry, "3")
+        assert hung_up.wait(30), "the request in flight was not closed after the interrupt"
+    finally:
+        hanging.close()
+    _assert_healthy(host)
+    notes.append(f"describe request to a server that never answers (timeout 3600 s) interrupted after "
+                 f"{before:.1f} s, ended {stop_s:.1f} s after /interrupt, connection closed")
+
+    after = json.loads(json.dumps(describe))
+    after["3"]["inputs"]["url"] = ollama.url
+    after["3"]["inputs"]["timeout"] = 60.0
+    t = time.monotonic()
+    _run(host, after, "describe after the interrupts")
+    notes.append(f"next prompt (describe via the stand-in Ollama) succeeded in {time.monotonic() - t:.1f} s")
+    SUMMARY["interrupt outside the sampler"] = "; ".join(notes)
+
+
 def test_models_went_through_comfyui_model_management(host):
     """host.load_to_device wraps the pack's modules in ModelPatcher and loads them via load_models_gpu."""
     if not host.prompts:
@@ -889,7 +1031,8 @@ def _print_summary(request, host, total_s: float) -> None:
              f"(the pack's sample {SAMPLES[0]}, {host.composite.size[0]}x{host.composite.size[1]}, "
              f"copied into the input folder by the pack)"]
     lines += ["  " + w for w in SUMMARY["workflows"]]
-    for key in ("interrupt", "model_management", "missing_models", "browser", "screenshots", "stopped"):
+    for key in ("interrupt", "interrupt outside the sampler", "model_management", "missing_models", "browser",
+                "screenshots", "stopped"):
         if SUMMARY.get(key):
             lines.append(f"{key}: {SUMMARY[key]}")
     lines += [f"note: {n}" for n in SUMMARY["notes"]]
