@@ -266,13 +266,30 @@ def model_roots(kind: str) -> list[str]:
     return [os.path.join(root, kind)]
 
 
-def comfy_tokenizer_dir() -> str | None:
-    """ComfyUI's bundled CLIP BPE tokenizer (comfy/sd1_tokenizer), when ComfyUI is importable."""
+def comfy_package_dirs() -> list[str]:
+    """The folders of ComfyUI's ``comfy`` package. In a real ComfyUI checkout ``comfy`` is a namespace
+    package (no ``__init__.py``: ``comfy.__file__`` is None), so its location is read from ``comfy.__path__``
+    and, as a second witness, from a module inside it."""
+    dirs: list[str] = []
     comfy = _comfy("comfy")
-    if comfy is None or not getattr(comfy, "__file__", None):
-        return None
-    path = os.path.join(os.path.dirname(comfy.__file__), "sd1_tokenizer")
-    return path if os.path.isfile(os.path.join(path, "vocab.json")) else None
+    if comfy is not None:
+        if getattr(comfy, "__file__", None):
+            dirs.append(os.path.dirname(comfy.__file__))
+        dirs += [str(p) for p in getattr(comfy, "__path__", [])]
+        sd1_clip = _comfy("comfy.sd1_clip")
+        if sd1_clip is not None and getattr(sd1_clip, "__file__", None):
+            dirs.append(os.path.dirname(sd1_clip.__file__))
+    return list(dict.fromkeys(os.path.realpath(d) for d in dirs))
+
+
+def comfy_tokenizer_dir() -> str | None:
+    """ComfyUI's bundled CLIP BPE tokenizer (comfy/sd1_tokenizer, used by ComfyUI for SD 1.x and 2.x),
+    when ComfyUI is importable."""
+    paths = [os.path.join(folder, "sd1_tokenizer") for folder in comfy_package_dirs()]
+    for path in paths:
+        if os.path.isfile(os.path.join(path, "vocab.json")):
+            return path
+    return paths[0] if paths else None  # searched (and named in a missing-tokenizer error) though empty
 
 
 # ------------------------------------------------------------------------------------ output folder

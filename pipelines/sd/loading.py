@@ -24,6 +24,7 @@ from ..core.errors import WeightsError
 from ..core.weights import UNSAFE, load_error, own_memory
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
+TOKENIZER_JSON = "tokenizer.json"
 
 
 @dataclass
@@ -75,25 +76,58 @@ def resolve_pipeline_folder(path: str | os.PathLike) -> Path:
     )
 
 
+def tokenizer_layout(folder: str | os.PathLike | None) -> str | None:
+    """"bpe" when ``folder`` holds vocab.json + merges.txt (the slow CLIP tokenizer's files), "json" when it
+    holds only ``tokenizer.json`` (what current transformers save), else None."""
+    if not folder or not os.path.isdir(folder):
+        return None
+    if all(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        return "bpe"
+    if os.path.isfile(os.path.join(folder, TOKENIZER_JSON)):
+        return "json"
+    return None
+
+
 def load_tokenizer(candidates: list[str | os.PathLike | None]):
-    """CLIPTokenizer from the first folder that has vocab.json + merges.txt."""
-    from transformers import CLIPTokenizer
+    """The CLIP tokenizer of the first folder that has one: vocab.json + merges.txt (``CLIPTokenizer``) or a
+    ``tokenizer.json`` alone (``CLIPTokenizerFast``; both give the same ids). A miss names every folder
+    searched."""
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
 
     tried = []
     for folder in candidates:
         if not folder:
             continue
         tried.append(str(folder))
-        if all(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
-            try:
-                return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-            except Exception as exc:
-                raise WeightsError(f"could not read the CLIP tokenizer in {folder}: {exc}") from exc
+        layout = tokenizer_layout(folder)
+        if layout is None:
+            continue
+        cls = CLIPTokenizer if layout == "bpe" else CLIPTokenizerFast
+        try:
+            return cls.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:
+            raise WeightsError(f"could not read the CLIP tokenizer in {folder}: {exc}") from exc
     raise WeightsError(
-        "no CLIP tokenizer found: looked for vocab.json + merges.txt in " + (", ".join(tried) or "no folder")
+        "no CLIP tokenizer found: looked for vocab.json + merges.txt or tokenizer.json in "
+        + (", ".join(tried) or "no folder")
         + ". Put the tokenizer files in the model's tokenizer/ folder, or run inside ComfyUI (which ships them "
         "in comfy/sd1_tokenizer), or pass the folder explicitly."
     )
+
+
+def weights_variant(folder: str | os.PathLike, stems: tuple[str, ...]) -> str | None:
+    """``"fp16"`` when ``folder`` holds only ``<stem>.fp16.<ext>`` weights (diffusers/transformers then need
+    ``variant="fp16"``), else None. Where plain files exist they are used; diffusers and transformers
+    prefer ``.safetensors`` over ``.bin`` when both are there."""
+    folder = Path(folder)
+    plain = [folder / f"{stem}.{ext}" for stem in stems for ext in ("safetensors", "bin")]
+    fp16 = [folder / f"{stem}.fp16.{ext}" for stem in stems for ext in ("safetensors", "bin")]
+    if not any(p.is_file() for p in plain) and any(p.is_file() for p in fp16):
+        return "fp16"
+    return None
+
+
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
 
 def _from_pretrained(cls, folder: Path, subfolder: str, dtype: torch.dtype):
@@ -101,7 +135,8 @@ def _from_pretrained(cls, folder: Path, subfolder: str, dtype: torch.dtype):
     if not (sub / "config.json").is_file():
         raise WeightsError(f"{sub}/config.json is missing: expected a {cls.__name__} in {sub}")
     try:
-        return cls.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
+        kwargs = {"variant": variant} if (variant := weights_variant(sub, WEIGHT_STEMS)) else {}
+        return cls.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True, **kwargs)
     except Exception as exc:  # one message per kind of failure, naming the folder and the model
         err = load_error(exc, sub, str(folder))
         raise err from (None if err.args[0].startswith(UNSAFE) else exc)

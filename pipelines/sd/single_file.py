@@ -16,7 +16,7 @@ Stable Diffusion 2-base) and the keys are converted with diffusers' own converte
 Other architectures (or tiny test models) use a config folder in the diffusers layout::
 
     unet/config.json  vae/config.json  text_encoder/config.json  scheduler/scheduler_config.json
-    tokenizer/        (optional: vocab.json + merges.txt [+ tokenizer_config.json])
+    tokenizer/        (optional: vocab.json + merges.txt, or tokenizer.json [+ tokenizer_config.json])
 
 passed as ``config_dir``, or placed next to the checkpoint as a *sidecar* folder named after the file
 without its extension plus ``.config``::
@@ -40,7 +40,7 @@ import torch
 # diffusers and transformers are imported where first used: importing them adds seconds to ComfyUI's start-up
 # (which imports every node module), while a graph that never loads this model does not need them.
 from ..core.errors import WeightsError
-from .loading import TOKENIZER_FILES, SDComponents, load_tokenizer
+from .loading import SDComponents, load_tokenizer, tokenizer_layout
 from ..core.weights import empty_weights, load_into, load_state_dict
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -178,7 +178,7 @@ def read_configs(family: str, config_dir: str | os.PathLike | None = None) -> di
 
 
 def _has_tokenizer(folder: Path) -> bool:
-    return all((folder / f).is_file() for f in TOKENIZER_FILES)
+    return tokenizer_layout(folder) is not None
 
 
 def _build_tokenizer(family: str, configs: dict, config_dir: Path | None, tokenizer_dir):
