@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..pipelines.diffharmony import native
 from ..pipelines.diffharmony import pipeline as dh
 from ..pipelines.sd import loading
 from ..pipelines.diffharmony import refiner as rf
@@ -373,10 +374,87 @@ class HarmonizeDiffHarmony:
         return (out,)
 
 
+WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                 "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None), "fp8_e5m2": getattr(torch, "float8_e5m2", None)}
+
+
+class HarmonizeDiffHarmonyNativeLoader:
+    DESCRIPTION = ("Loads DiffHarmony as ComfyUI's own MODEL, CLIP and VAE (one model-management entry each, so "
+                   "ComfyUI can evict them separately, load them partially when memory is short, and store the "
+                   "UNet in fp8), for ComfyUI's KSampler with Harmonize: DiffHarmony Conditioning. Reads the "
+                   "authors' archive as downloaded (base/), a diffusers inpainting folder or a single-file "
+                   "inpainting checkpoint.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("model", "clip", "vae")
+    OUTPUT_TOOLTIPS = ("DiffHarmony's 9-channel inpainting UNet, for KSampler.",
+                       "The text encoder (DiffHarmony uses the empty prompt).",
+                       "The model's VAE, for DiffHarmony Conditioning and VAE Decode.")
+    FUNCTION = "load"
+    SEARCH_ALIASES = ALIASES + ("loader", "native", "checkpoint loader", "inpainting model", "ksampler")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (sorted(_model_choices()), {"tooltip": "DiffHarmony archive folder, diffusers folder or "
+                                                            ".safetensors inpainting checkpoint."}),
+            "weight_dtype": ([k for k, v in WEIGHT_DTYPES.items() if k == "default" or v is not None],
+                             {"default": "default", "tooltip": "Weight dtype. default: ComfyUI's choice per "
+                                                               "component and device; fp32/fp16/bf16: UNet and text "
+                                                               "encoder; fp8: the UNet only (half its memory)."}),
+        }}
+
+    def load(self, model, weight_dtype):
+        path = host.resolve_choice(model, _model_choices(), "model", MODEL_FOLDERS)
+        dtype = WEIGHT_DTYPES[weight_dtype]
+        text_dtype = dtype if weight_dtype in ("fp32", "fp16", "bf16") else None
+        return host.native_sd(path, dtype, text_dtype)
+
+
+class HarmonizeDiffHarmonyConditioning:
+    DESCRIPTION = ("DiffHarmony's conditioning for ComfyUI's KSampler: the VAE latent of the WHOLE, unmasked "
+                   "composite as the concat latent, the mask binarised at 0.5 and brought to latent size "
+                   "(nearest) as the concat mask, the empty prompt, and an all-zero latent so sampling starts "
+                   "from pure noise. Sample with euler_ancestral / normal / 5 steps / cfg 1.0, denoise 1.0. "
+                   "Do not use InpaintModelConditioning for DiffHarmony: it greys the masked pixels before "
+                   "encoding (the foreground DiffHarmony re-lights is lost) and locks the background with a "
+                   "noise mask, which is inpainting, not harmonization.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("positive", "negative", "latent")
+    OUTPUT_TOOLTIPS = ("Empty prompt + composite latent + latent-size mask.",
+                       "The same (cfg 1.0 never evaluates it).",
+                       "All zeros at the working size: KSampler starts from pure noise.")
+    FUNCTION = "condition"
+    SEARCH_ALIASES = ALIASES + ("conditioning", "native", "ksampler", "inpaint conditioning", "concat latent")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The UNet that will sample; checked to be a 9-channel inpainting UNet "
+                                           "matching the VAE before anything runs."}),
+            "clip": ("CLIP", {"tooltip": "Text encoder, for DiffHarmony's empty prompt."}),
+            "vae": ("VAE", {"tooltip": "The model's VAE; encodes the composite."}),
+            "composite": ("IMAGE", {"tooltip": "The composite image (foreground pasted on the background)."}),
+            "mask": ("MASK", {"tooltip": "Foreground mask (white = the pasted object)."}),
+            "resolution": DIFFHARMONY_RESOLUTION, "fit": FIT,
+        }}
+
+    def condition(self, model, clip, vae, composite, mask, resolution, fit):
+        native.check_fit(*host.model_channels(model), host.vae_latent_channels(vae))
+        pixels, latent_mask, _ = native.prepare(composite, mask, resolution, square=fit == FITS[1])
+        latent = host.vae_encode(vae, pixels)
+        values = {"concat_latent_image": latent, "concat_mask": latent_mask}
+        cond = host.encode_prompt(clip, "")
+        return (host.set_conditioning(cond, values), host.set_conditioning(cond, values),
+                native.empty_latent_like(latent))
+
+
 NODE_CLASS_MAPPINGS = {c.__name__: c for c in (
     HarmonizeDiffHarmonyLoader, HarmonizeDiffHarmonyEncode, HarmonizeMaskToLatent, HarmonizeDiffHarmonySampler,
     HarmonizeDiffHarmonyDecode, HarmonizeRefinerLoader, HarmonizeRefine, HarmonizeDiffHarmony,
-    HarmonizeConditionVAELoader, HarmonizeConditionVAEDecode, HarmonizeInverseLoader, HarmonizeMakeComposite)}
+    HarmonizeConditionVAELoader, HarmonizeConditionVAEDecode, HarmonizeInverseLoader, HarmonizeMakeComposite,
+    HarmonizeDiffHarmonyNativeLoader, HarmonizeDiffHarmonyConditioning)}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "HarmonizeDiffHarmonyLoader": "Harmonize: DiffHarmony Loader",
     "HarmonizeDiffHarmonyEncode": "Harmonize: DiffHarmony Encode",
@@ -390,4 +468,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "HarmonizeConditionVAEDecode": "Harmonize: DiffHarmony Condition-VAE Decode",
     "HarmonizeInverseLoader": "Harmonize: DiffHarmony Inverse Loader",
     "HarmonizeMakeComposite": "Harmonize: DiffHarmony Inverse (Make Composite)",
+    "HarmonizeDiffHarmonyNativeLoader": "Harmonize: DiffHarmony Loader (ComfyUI MODEL/CLIP/VAE)",
+    "HarmonizeDiffHarmonyConditioning": "Harmonize: DiffHarmony Conditioning",
 }

@@ -343,3 +343,237 @@ def resolve_choice(choice: str, choices: dict, what: str, folders: tuple[str, ..
     """The path behind a loader's combo value, or the pack's "not found" error naming the folders searched."""
     roots = [r for f in folders for r in model_roots(f)]
     return model_files.resolve(choice, choices, what, roots, EXPECTED.get(what, f"a {what} in those folders"))
+
+
+# ------------------------------------------------------------------ ComfyUI's own MODEL / CLIP / VAE objects
+class NeedsComfyUI(RuntimeError):
+    """A node that works on ComfyUI's MODEL/CLIP/VAE objects was run outside ComfyUI."""
+
+
+def require_comfy(what: str):
+    """Import the ComfyUI modules the native path uses, or say clearly that ``what`` needs ComfyUI."""
+    names = ("comfy.sd", "comfy.utils", "comfy.model_detection", "comfy.supported_models", "comfy.model_management",
+             "comfy.model_patcher", "comfy.sd1_clip", "node_helpers")
+    mods = {n: _comfy(n) for n in names}
+    missing = [n for n, m in mods.items() if m is None]
+    if missing:
+        raise NeedsComfyUI(f"{what} works on ComfyUI's own MODEL/CLIP/VAE objects and needs ComfyUI "
+                           f"(could not import {', '.join(missing)}); outside ComfyUI use the pack's "
+                           f"DiffHarmony nodes (HARMONIZE_DIFFHARMONY_MODEL).")
+    return mods
+
+
+def _embedding_dirs() -> list[str]:
+    fp = _comfy("folder_paths")
+    try:
+        return fp.get_folder_paths("embeddings") if fp is not None else []
+    except Exception:
+        return []
+
+
+def comfy_unet_from_diffusers(state_dict: dict, config: dict, weight_dtype: torch.dtype | None = None):
+    """A ComfyUI MODEL (ModelPatcher around ComfyUI's own UNet) from a diffusers UNet2DConditionModel state
+    dict and its config, whatever its width: the keys are mapped with ComfyUI's own table
+    (``comfy.utils.unet_to_diffusers``), the layout read back with ComfyUI's detection, the model class is the
+    published one ComfyUI recognises (SD 1.5, SD 2, their inpainting forms) or, for other widths, SD 1.x/2.x
+    chosen by the cross-attention width. The rest is what ``comfy.sd.load_diffusion_model_state_dict`` does
+    (dtype choice, manual cast, fp8 weight dtypes)."""
+    from ..pipelines.sd.comfy_layout import unet_key_layout
+
+    c = require_comfy("Loading a UNet as a ComfyUI MODEL")
+    utils, detection, supported = c["comfy.utils"], c["comfy.model_detection"], c["comfy.supported_models"]
+    mm, mp = c["comfy.model_management"], c["comfy.model_patcher"]
+    mapping = utils.unet_to_diffusers(unet_key_layout(config))  # diffusers key -> LDM key
+    unmapped = [k for k in state_dict if k not in mapping]  # (the table also lists optional keys)
+    if unmapped:
+        from ..pipelines.core.errors import WeightsError
+
+        raise WeightsError(f"the UNet weights do not match its config.json: {len(unmapped)} keys have no place "
+                           f"in that layout, e.g. {unmapped[:3]}")
+    ldm = {mapping[k]: v for k, v in state_dict.items() if k in mapping}
+    unet_config = detection.detect_unet_config(ldm, "")
+    model_config = next((m(unet_config) for m in supported.models if m.matches(unet_config, ldm)), None)
+    if model_config is None:  # not a published size: SD 1.x or 2.x layout by the text width
+        cls = supported.SD20 if unet_config.get("context_dim") == 1024 else supported.SD15
+        model_config = cls(unet_config)
+        heads = config.get("num_attention_heads") or config.get("attention_head_dim")
+        if isinstance(heads, int):  # diffusers' SD configs give the head COUNT under attention_head_dim
+            model_config.unet_config.update(num_heads=heads, num_head_channels=-1)
+    load_device, offload = mm.get_torch_device(), mm.unet_offload_device()
+    if weight_dtype is None:
+        weight_dtype = mm.unet_dtype(model_params=utils.calculate_parameters(ldm),
+                                     supported_dtypes=list(model_config.supported_inference_dtypes),
+                                     weight_dtype=utils.weight_dtype(ldm))
+    manual_cast = mm.unet_manual_cast(weight_dtype, load_device, model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(weight_dtype, manual_cast)
+    model = model_config.get_model(ldm, "").to(offload)
+    model.load_model_weights(ldm, "")
+    return mp.ModelPatcher(model, load_device=load_device, offload_device=offload)
+
+
+def comfy_vae_from_diffusers(state_dict: dict, config: dict):
+    """A ComfyUI VAE from a diffusers AutoencoderKL state dict + config (ComfyUI converts the keys; the
+    layout is given explicitly so widths other than SD's 128 load too)."""
+    from ..pipelines.sd.comfy_layout import vae_ddconfig
+
+    c = require_comfy("Loading a VAE as a ComfyUI VAE")
+    return c["comfy.sd"].VAE(sd=dict(state_dict), config={"params": vae_ddconfig(config)})
+
+
+def _text_model_keys(state_dict: dict) -> dict:
+    """Keys as ComfyUI's CLIP text model names them (``text_model.*``): transformers 5 saves a
+    CLIPTextModel without that prefix, older files (and published checkpoints) with it."""
+    return {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+            for k, v in state_dict.items()}
+
+
+def comfy_clip_from_diffusers(state_dict: dict, config: dict, tokenizer_dir: str,
+                              dtype: torch.dtype | None = None):
+    """A ComfyUI CLIP for an SD 1.x-style CLIP text encoder of any size (transformers CLIPTextModel state
+    dict + config) with the tokenizer files of ``tokenizer_dir``: ComfyUI's SD1 CLIP classes, told the
+    text tower's config and special tokens. Published SD 1.x/2.x text encoders go through
+    ``comfy.sd.load_clip`` instead (see native_sd)."""
+    import functools
+
+    from ..pipelines.sd.comfy_layout import clip_text_config
+    from ..pipelines.sd.loading import tokenizer_layout
+
+    c = require_comfy("Loading a text encoder as a ComfyUI CLIP")
+    sd1 = c["comfy.sd1_clip"]
+    text_config = clip_text_config(config)
+    tokens = {"start": text_config["bos_token_id"], "end": text_config["eos_token_id"],
+              "pad": text_config["pad_token_id"]}
+    tok_args = {}
+    if tokenizer_layout(tokenizer_dir) == "json":
+        from transformers import CLIPTokenizerFast
+
+        tok_args["tokenizer_class"] = CLIPTokenizerFast
+
+    class Target:
+        params: dict = {}
+        clip = functools.partial(sd1.SD1ClipModel, clip_model=functools.partial(
+            sd1.SDClipModel, textmodel_json_config=text_config, special_tokens=tokens))
+        tokenizer = functools.partial(sd1.SD1Tokenizer, tokenizer=functools.partial(
+            sd1.SDTokenizer, tokenizer_path=str(tokenizer_dir), embedding_size=text_config["hidden_size"],
+            **tok_args))
+
+    clip = c["comfy.sd"].CLIP(Target, embedding_directory=_embedding_dirs(),
+                              model_options={"dtype": dtype} if dtype is not None else {})
+    weights = _text_model_keys(state_dict)
+    key = "text_model.embeddings.token_embedding.weight"
+    rows = clip.cond_stage_model.clip_l.transformer.text_model.embeddings.token_embedding.weight.shape[0]
+    if key in weights and weights[key].shape[0] < rows:  # ComfyUI's CLIP has CLIP's 49408-token table;
+        emb = weights[key]                                # a smaller vocabulary fills its first rows
+        weights[key] = torch.cat([emb, emb.new_zeros(rows - emb.shape[0], emb.shape[1])])
+    missing, _ = clip.load_sd(weights)
+    missing = [k for k in missing if k != "text_projection.weight"]  # SD uses the hidden states, not the projection
+    if missing:
+        from ..pipelines.core.errors import WeightsError
+
+        raise WeightsError(f"the text encoder weights do not fit its config.json: {len(missing)} missing, "
+                           f"e.g. {missing[:3]}")
+    return clip
+
+
+PUBLISHED_TEXT_ENCODERS = {(768, 12), (1024, 23), (1024, 24)}  # SD 1.x CLIP-L; SD 2.x OpenCLIP-H (transformers)
+
+
+def _component(folder, sub: str, stems: tuple[str, ...]):
+    """(state dict, config) of a diffusers component folder: .safetensors preferred over .bin, plain over
+    the ``fp16`` variant; loaded without executing pickles."""
+    import json
+    from pathlib import Path
+
+    from ..pipelines.core.errors import WeightsError
+    from ..pipelines.core.weights import load_state_dict
+
+    d = Path(folder) / sub
+    names = [f"{s}{v}.{e}" for e in ("safetensors", "bin") for v in ("", ".fp16") for s in stems]
+    path = next((d / n for n in names if (d / n).is_file()), None)
+    if path is None or not (d / "config.json").is_file():
+        raise WeightsError(f"{d}: expected config.json and one of {', '.join(names)}")
+    return load_state_dict(path), json.loads((d / "config.json").read_text())
+
+
+def native_sd(path, weight_dtype: torch.dtype | None = None, text_dtype: torch.dtype | None = None):
+    """(MODEL, CLIP, VAE) as ComfyUI's own objects, one ModelPatcher each, from the DiffHarmony archive
+    (``base/``), a diffusers folder, or a single-file checkpoint.
+
+    A single-file checkpoint of a published architecture is loaded by ``comfy.sd.load_checkpoint_guess_config``
+    (what CheckpointLoaderSimple does); folders and other sizes through comfy_unet_from_diffusers /
+    comfy_vae_from_diffusers / comfy_clip_from_diffusers (published SD text encoders by
+    ``comfy.sd.load_text_encoder_state_dicts`` with ComfyUI's own tokenizer). ``weight_dtype`` / ``text_dtype``:
+    the UNet's / text encoder's weight dtype, None = ComfyUI's choice for the device."""
+    from pathlib import Path
+
+    from ..pipelines.sd import loading, models
+
+    c = require_comfy("The native DiffHarmony loader")
+    path = Path(path)
+    if path.is_file():
+        try:
+            out = c["comfy.sd"].load_checkpoint_guess_config(
+                str(path), output_vae=True, output_clip=True, embedding_directory=_embedding_dirs(),
+                model_options={"dtype": weight_dtype} if weight_dtype is not None else {},
+                te_model_options={"dtype": text_dtype} if text_dtype is not None else {})
+            if out[0] is not None and out[1] is not None and out[2] is not None:
+                return out[0], out[1], out[2]
+        except RuntimeError:  # an architecture ComfyUI does not detect (other widths): the pack's configs
+            pass
+        sd = models.load_sd(path, tokenizer_dir=comfy_tokenizer_dir())
+        parts = {n: (m.state_dict(), dict(m.config if isinstance(m.config, dict) else m.config.to_dict()))
+                 for n, m in sd.modules().items()}
+        tokenizer_dir = getattr(sd.tokenizer, "name_or_path", None)
+        del sd
+    else:
+        folder = loading.resolve_pipeline_folder(path)
+        parts = {"unet": _component(folder, "unet", ("diffusion_pytorch_model",)),
+                 "vae": _component(folder, "vae", ("diffusion_pytorch_model",)),
+                 "text_encoder": _component(folder, "text_encoder", ("model", "pytorch_model"))}
+        own = folder / "tokenizer"
+        tokenizer_dir = str(own) if loading.tokenizer_layout(own) else comfy_tokenizer_dir()
+        loading.load_tokenizer([own, tokenizer_dir])  # a missing tokenizer: the error names every folder
+    model = comfy_unet_from_diffusers(*parts["unet"], weight_dtype=weight_dtype)
+    vae = comfy_vae_from_diffusers(*parts["vae"])
+    te_sd, te_cfg = parts["text_encoder"]
+    if (te_cfg.get("hidden_size"), te_cfg.get("num_hidden_layers")) in PUBLISHED_TEXT_ENCODERS:
+        clip = c["comfy.sd"].load_text_encoder_state_dicts(
+            [_text_model_keys(te_sd)], embedding_directory=_embedding_dirs(),
+            model_options={"dtype": text_dtype} if text_dtype is not None else {})
+    else:
+        clip = comfy_clip_from_diffusers(te_sd, te_cfg, tokenizer_dir, text_dtype)
+    return model, clip, vae
+
+
+def model_channels(model) -> tuple[int | None, int]:
+    """(UNet input channels, latent channels) of a ComfyUI MODEL."""
+    base = model.model
+    unet_config = getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
+    in_channels = unet_config.get("in_channels")
+    if in_channels is None:
+        conv = getattr(base.diffusion_model, "input_blocks", None)
+        in_channels = conv[0][0].weight.shape[1] if conv is not None else None
+    return in_channels, int(base.latent_format.latent_channels)
+
+
+def vae_latent_channels(vae) -> int:
+    return int(vae.latent_channels)
+
+
+def vae_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's VAE encode (what VAEEncode does): IMAGE ``[B,H,W,3]`` -> UNSCALED latents (the mean)."""
+    return vae.encode(pixels[:, :, :, :3])
+
+
+def encode_prompt(clip, text: str):
+    """ComfyUI's CLIP text encode (what CLIPTextEncode does) -> CONDITIONING."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def set_conditioning(conditioning, values: dict):
+    """A copy of CONDITIONING with ``values`` set on every entry (ComfyUI's node_helpers; outside ComfyUI
+    the same copy by hand). The caller's conditioning is not modified."""
+    helpers = _comfy("node_helpers")
+    if helpers is not None and hasattr(helpers, "conditioning_set_values"):
+        return helpers.conditioning_set_values(conditioning, values)
+    return [[t, {**d, **values}] for t, d in conditioning]

@@ -217,7 +217,8 @@ def write_models(root: Path) -> None:
     from tiny_models import write_refiner  # the refinement/ writer shared with test_diffharmony
 
     archive = root / "diffharmony" / PLACED["diffharmony"]
-    tiny_models.save_diffusers_pipeline(archive / "base", in_channels=9, weights="bin")
+    # comfy_layout: 32-group norms, which ComfyUI's own UNet/VAE classes need (the native workflow loads it too)
+    tiny_models.save_diffusers_pipeline(archive / "base", in_channels=9, weights="bin", comfy_layout=True)
     write_refiner(archive / "refinement")
 
     tiny_models.save_diffusers_pipeline(root / "diffusers" / PLACED["diffusers"], in_channels=4, seed=30)

@@ -73,35 +73,37 @@ def tiny_tokenizer(folder: str | os.PathLike):
     return CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(folder)))
 
 
-def unet_config(in_channels: int = 9) -> dict:
+# comfy_layout=True: the tiny models with Stable Diffusion's 32-group GroupNorms (and VAE widths that allow
+# them), the one thing ComfyUI's own UNet/VAE classes fix regardless of width; for the native-path tests.
+def unet_config(in_channels: int = 9, comfy_layout: bool = False) -> dict:
     return dict(
         sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=CROSS_DIM,
-        attention_head_dim=8, norm_num_groups=8,
+        attention_head_dim=8, norm_num_groups=32 if comfy_layout else 8,
     )
 
 
-def tiny_unet(in_channels: int = 9, seed: int = 0):
+def tiny_unet(in_channels: int = 9, seed: int = 0, comfy_layout: bool = False):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**unet_config(in_channels)).eval()
+    return UNet2DConditionModel(**unet_config(in_channels, comfy_layout)).eval()
 
 
-def vae_config() -> dict:
+def vae_config(comfy_layout: bool = False) -> dict:
     return dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(8, 16, 16, 16), sample_size=64,
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32 if comfy_layout else 8,
+        block_out_channels=(32, 32, 32, 32) if comfy_layout else (8, 16, 16, 16), sample_size=64,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     )
 
 
-def tiny_vae(seed: int = 1):
+def tiny_vae(seed: int = 1, comfy_layout: bool = False):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(**vae_config()).eval()
+    return AutoencoderKL(**vae_config(comfy_layout)).eval()
 
 
 def tiny_text_encoder(vocab_size: int, seed: int = 2):
@@ -124,14 +126,14 @@ SCHEDULER_CONFIG = {  # Stable Diffusion 1.x/2.x scheduler config (PNDM, scaled-
 
 
 def save_diffusers_pipeline(folder: str | os.PathLike, in_channels: int = 9, weights: str = "safetensors",
-                            seed: int = 0, pipeline_class: str | None = None) -> Path:
+                            seed: int = 0, pipeline_class: str | None = None, comfy_layout: bool = False) -> Path:
     """A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
     ``weights="bin"`` writes unet/vae/text_encoder as pickled ``.bin`` files, like the DiffHarmony archive."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer(folder / "tokenizer")
-    unet = tiny_unet(in_channels, seed)
-    vae = tiny_vae(seed + 1)
+    unet = tiny_unet(in_channels, seed, comfy_layout)
+    vae = tiny_vae(seed + 1, comfy_layout)
     te = tiny_text_encoder(len(tok), seed + 2)
     safe = weights == "safetensors"
     unet.save_pretrained(folder / "unet", safe_serialization=safe)

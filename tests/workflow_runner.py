@@ -3,6 +3,8 @@ them node by node without ComfyUI.
 
 Built-in ComfyUI nodes that the shipped workflows use (LoadImage, LoadImageMask, SaveImage, PreviewImage)
 are stood in for by classes with the same inputs and outputs as ComfyUI's own (comfyui.md reference).
+KSampler and VAEDecode are stood in for validation only: they run ComfyUI's own MODEL/VAE objects, so a
+workflow using them (``needs_comfyui``) is executed inside ComfyUI by the real-host test.
 """
 from __future__ import annotations
 
@@ -93,7 +95,58 @@ class PreviewImage(SaveImage):
         return super().save_images(images, filename_prefix)
 
 
-BUILTINS = {c.__name__: c for c in (LoadImage, LoadImageMask, SaveImage, PreviewImage)}
+class NeedsComfyUIObjects(NotImplementedError):
+    """A core node that works on ComfyUI's own MODEL/CLIP/VAE objects was asked to run outside ComfyUI."""
+
+
+class KSampler:
+    """ComfyUI's KSampler, for validation: the same inputs and widget layout as ComfyUI's (nodes.py; the
+    combo lists are a subset of comfy.samplers' names). It works on ComfyUI's MODEL, which exists only inside
+    ComfyUI: workflows using it are validated here and executed by the real-host test
+    (tests/test_real_host.py) and in process by tests/native_host_check.py."""
+    SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2m", "dpmpp_sde",
+                "ddim", "uni_pc")
+    SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal")
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (list(cls.SAMPLERS),), "scheduler": (list(cls.SCHEDULERS),),
+            "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "latent_image": ("LATENT",),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+        }}
+
+    def sample(self, **_):
+        raise NeedsComfyUIObjects("KSampler runs ComfyUI's MODEL: only inside ComfyUI")
+
+
+class VAEDecode:
+    """ComfyUI's VAEDecode, for validation (see KSampler)."""
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "vae": ("VAE",)}}
+
+    def decode(self, **_):
+        raise NeedsComfyUIObjects("VAEDecode runs ComfyUI's VAE: only inside ComfyUI")
+
+
+BUILTINS = {c.__name__: c for c in (LoadImage, LoadImageMask, SaveImage, PreviewImage, KSampler, VAEDecode)}
+COMFY_ONLY_TYPES = ("MODEL", "CLIP", "VAE", "CONDITIONING")  # made and used only by ComfyUI's own objects
+
+
+def needs_comfyui(workflow: dict) -> bool:
+    """Whether a workflow passes ComfyUI's own model objects between nodes (then it is executed only inside
+    ComfyUI; here it is validated)."""
+    return any(link[5] in COMFY_ONLY_TYPES for link in workflow["links"])
 
 
 class WorkflowError(AssertionError):

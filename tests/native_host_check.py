@@ -1,0 +1,173 @@
+"""Native DiffHarmony measured inside ComfyUI's own Python, in process (issue 11).
+
+    COMFYUI_PATH=/path/to/ComfyUI <comfyui python> tests/native_host_check.py [--json OUT]
+
+Needs ComfyUI's modules (its python: torchvision, einops, ...), so the test suite runs it through the host's
+interpreter (tests/diffharmony/test_native_host.py and tests/test_real_host.py); it prints one JSON object.
+
+On tiny random weights in the comfy layout (tests/tiny_models.py, fp32, CPU) it builds ComfyUI's MODEL/CLIP/VAE
+with the pack's native loader and the conditioning with the DiffHarmony Conditioning node, samples with
+ComfyUI's own sampler, decodes with ComfyUI's VAE, and compares with the pack's diffusers path
+(pipelines/diffharmony/pipeline.py) on the same weights:
+
+- ``parity``: both paths from the SAME initial latent x_T and the SAME ancestral noise draws (ComfyUI's
+  euler_ancestral given the diffusers generator's stream; its noise tensor divided by ComfyUI's start
+  scale so that x_T is the same) and the VAE mean on both sides: what is left is the integer timesteps and
+  arithmetic. Max |difference| of the decoded images (0..1).
+- ``differences``: each place where ComfyUI's path necessarily differs from the official code, measured
+  alone on the decoded image: the start-noise scale, KSampler's own ancestral noise stream, the VAE mean
+  instead of a posterior sample, integer timesteps, and a full-size mask resized by ComfyUI.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def setup_comfy(path: str) -> None:
+    sys.path.insert(0, path)
+    sys.path.insert(0, str(HERE))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    from comfy.cli_args import args
+
+    args.cpu = True
+
+
+def composite(h: int = 61, w: int = 93, seed: int = 3):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(1, 3, 4, 6, generator=g)
+    image = torch.nn.functional.interpolate(base, size=(h, w), mode="bilinear", align_corners=False)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    mask = ((yy / 0.55) ** 2 + (xx / 0.4) ** 2 <= 1).float()[None]
+    return image.permute(0, 2, 3, 1).contiguous(), mask
+
+
+def parity(root: Path, resolution: int = 96, seed: int = 7) -> dict:
+    import torch
+    import comfy.k_diffusion.sampling as kds
+    import comfy.sample
+    import comfy.samplers
+
+    import tiny_models
+    from comfyui_harmonize.nodes import host
+    from comfyui_harmonize.nodes.diffharmony import HarmonizeDiffHarmonyConditioning
+    from comfyui_harmonize.pipelines.diffharmony import pipeline as dh
+    from comfyui_harmonize.pipelines.sd.models import load_sd
+
+    archive = root / "DiffHarmony"
+    tiny_models.save_diffusers_pipeline(archive / "base", in_channels=9, weights="bin", comfy_layout=True)
+    model, clip, vae = host.native_sd(archive, torch.float32, torch.float32)
+    sd = load_sd(archive)
+    image, mask = composite()
+    pos, neg, latent = HarmonizeDiffHarmonyConditioning().condition(model, clip, vae, image, mask, resolution,
+                                                                     "keep aspect")
+    comp = pos[0][1]["concat_latent_image"]
+    m_lat = pos[0][1]["concat_mask"][:, 0]
+    sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", 5).float()
+    start_scale = float((1 + sigmas[0] ** 2) ** 0.5 / sigmas[0])  # ComfyUI: noise * sqrt(1 + s^2); diffusers: * s
+
+    def comfy_latents(sampler="euler_ancestral", same_start=True, same_stream=True, cond=pos):
+        noise = comfy.sample.prepare_noise(latent["samples"], seed)  # = the pack's first draw for this seed
+        if not same_stream:
+            ks = comfy.samplers.sampler_object(sampler)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            torch.randn(noise.shape, generator=g)  # the pack draws x_T first, then one draw per step
+            ks = comfy.samplers.KSAMPLER(functools.partial(getattr(kds, "sample_" + sampler),
+                                                           noise_sampler=lambda s, sn: torch.randn(noise.shape, generator=g)))
+        if same_start:
+            noise = noise / start_scale
+        return comfy.sample.sample_custom(model, noise, 1.0, ks, sigmas, cond, cond, latent["samples"], seed=seed,
+                                          disable_pbar=True)
+
+    def decoded(lat):
+        return dh.decode(sd, lat)
+
+    out: dict = {"resolution": resolution, "latent_size": list(comp.shape[-2:]), "start_scale": start_scale}
+    with torch.no_grad():
+        mean = dh.encode(sd, image, resolution, sample=False)
+        sample_lat = dh.encode(sd, image, resolution, seed=seed, sample=True)
+        ref_mean = decoded(dh.sample(sd, mean, dh.latent_mask(mask, mean.shape[-2:]), seed, 5, "euler_ancestral"))
+        native = vae.decode(comfy_latents())
+        out["concat_latent_vs_pack_mean"] = float((comp - mean).abs().max())
+        out["parity"] = float((native - ref_mean).abs().max())
+        # each necessary difference, alone
+        ref_sample = decoded(dh.sample(sd, sample_lat, dh.latent_mask(mask, mean.shape[-2:]), seed, 5,
+                                       "euler_ancestral"))
+        out["differences"] = {
+            "start_noise_scale": float((decoded(comfy_latents(same_start=False)) - ref_mean).abs().max()),
+            "ksampler_noise_stream": float((decoded(comfy_latents(same_stream=False)) - ref_mean).abs().max()),
+            "vae_mean_vs_posterior_sample": float((ref_sample - ref_mean).abs().max()),
+        }
+        diff_t = dh.make_scheduler("euler_ancestral", sd.scheduler_config)
+        diff_t.set_timesteps(5)
+        out["timesteps"] = {"diffusers": [float(t) for t in diff_t.timesteps],
+                            "comfyui": [float(sampling.timestep(s)) for s in sigmas[:-1]]}
+        # the same sampler fed integer timesteps, as ComfyUI does (the sigmas stay the scheduler's)
+        make = dh.make_scheduler
+
+        def rounded(name, config):
+            sched = make(name, config)
+            set_timesteps = sched.set_timesteps
+
+            def set_rounded(*a, **k):
+                set_timesteps(*a, **k)
+                sched.timesteps = sched.timesteps.round()
+            sched.set_timesteps = set_rounded
+            return sched
+
+        dh.make_scheduler = rounded
+        try:
+            ref_int = decoded(dh.sample(sd, mean, dh.latent_mask(mask, mean.shape[-2:]), seed, 5, "euler_ancestral"))
+        finally:
+            dh.make_scheduler = make
+        out["differences"]["integer_timesteps"] = float((ref_int - ref_mean).abs().max())
+        out["parity_with_integer_timesteps_in_pack"] = float((native - ref_int).abs().max())
+        # a working-size mask given to ComfyUI as concat_mask: it resizes it bilinearly and rounds (not nearest)
+        import comfy.utils
+
+        work = (torch.nn.functional.interpolate(mask[:, None], size=tuple(8 * s for s in comp.shape[-2:]),
+                                                mode="bilinear") >= 0.5).float()
+        full = host.set_conditioning(pos, {"concat_mask": work})
+        resized = comfy.utils.common_upscale(work, comp.shape[-1], comp.shape[-2], "bilinear", "center").round()
+        out["mask_cells_differing_if_full_size"] = int((resized[:, 0] != m_lat).sum())
+        out["mask_cells"] = int(m_lat.numel())
+        out["differences"]["full_size_mask"] = float((vae.decode(comfy_latents(cond=full)) - native).abs().max())
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", ""))
+    ap.add_argument("--json", default="")
+    a = ap.parse_args(argv)
+    if not a.comfyui:
+        print("COMFYUI_PATH (or --comfyui) is required", file=sys.stderr)
+        return 2
+    setup_comfy(a.comfyui)
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {"parity": parity(Path(tmp))}
+    text = json.dumps(result)
+    if a.json:
+        Path(a.json).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
