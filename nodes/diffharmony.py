@@ -54,12 +54,11 @@ def _decoder(sd: loading.SDComponents, decoder: str, condition_vae=None):
     return cvae
 
 
-def _on_device(sd: loading.SDComponents) -> loading.SDComponents:
-    """Hand the model to ComfyUI's model management (or move it) before a run."""
-    container = sd.cache.get("module")
-    if container is None:
-        container = sd.cache["module"] = torch.nn.ModuleDict(sd.modules())
-    host.load_to_device(container)
+def _on_device(sd: loading.SDComponents, *parts: str, extra=()) -> loading.SDComponents:
+    """Hand the components a stage uses (default: all) and ``extra`` modules to ComfyUI's model management
+    in one load: each is a model of its own there, evictable alone."""
+    names = parts or ("unet", "vae", "text_encoder")
+    host.load_models(*(getattr(sd, n) for n in names), *extra)
     return sd
 
 
@@ -109,9 +108,7 @@ class HarmonizeDiffHarmonyEncode:
         }}
 
     def encode(self, model, composite, resolution, fit, seed, condition_vae=None):
-        sd = _on_device(model)
-        if condition_vae is not None:
-            host.load_to_device(condition_vae)
+        sd = _on_device(model, "vae", extra=(condition_vae,) if condition_vae is not None else ())
         return ({"samples": dh.encode(sd, composite, resolution, seed, square=fit == FITS[1], vae=condition_vae,
                                       cancel=host.check_interrupt)},)
 
@@ -159,7 +156,7 @@ class HarmonizeDiffHarmonySampler:
         }}
 
     def sample(self, model, composite_latent, latent_mask, seed, steps, scheduler, guidance, prompt=""):
-        sd = _on_device(model)
+        sd = _on_device(model, "unet", "text_encoder")
         out = dh.sample(sd, composite_latent["samples"], latent_mask, seed, steps, scheduler, guidance, prompt,
                         callback=host.Progress(steps))
         return ({"samples": out},)
@@ -182,7 +179,7 @@ class HarmonizeDiffHarmonyDecode:
         }}
 
     def decode(self, model, latent):
-        return (dh.decode(_on_device(model), latent["samples"], cancel=host.check_interrupt),)
+        return (dh.decode(_on_device(model, "vae"), latent["samples"], cancel=host.check_interrupt),)
 
 
 class HarmonizeConditionVAELoader:
@@ -363,10 +360,8 @@ class HarmonizeDiffHarmony:
 
     def harmonize(self, model, composite, mask, seed, steps, scheduler, guidance, resolution, fit,
                   refine_resolution, feather, detail, decoder="vae", refiner=None, condition_vae=None):
-        sd = _on_device(model)
-        cvae = _decoder(sd, decoder, condition_vae)
-        if refiner is not None:
-            host.load_to_device(refiner)
+        cvae = _decoder(model, decoder, condition_vae)
+        sd = _on_device(model, extra=tuple(m for m in (refiner, cvae) if m is not None))  # one load for the run
         out = dh.harmonize(sd, composite, mask, seed=seed, steps=steps, resolution=resolution, scheduler=scheduler,
                            guidance=guidance, square=fit == FITS[1], refiner=refiner,
                            refine_resolution=refine_resolution, feather=feather, detail=detail,

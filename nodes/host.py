@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import logging
 import os
-import weakref
 
 import torch
 
@@ -83,27 +82,73 @@ def intermediate_device() -> torch.device:
     return torch.device("cpu")
 
 
-_patchers: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+_WHOLE_MODULE_PATCHERS: dict = {}  # ComfyUI's ModelPatcher class -> our subclass of it
+
+
+def whole_module_patcher_class():
+    """ComfyUI's ModelPatcher for a plain torch module (diffusers, transformers, the pack's own networks).
+
+    ComfyUI can load a model partially (little free VRAM, ``--lowvram``/``--novram``, another model already
+    resident) and unload one partially to make room; that is safe only for layers built from ComfyUI's own
+    ops, which cast their weights to the compute device at each forward. A plain module left half on each
+    device fails at its next forward with a device mismatch. This patcher makes such a module all or
+    nothing: every load is a full load, and a partial unload frees nothing, so ComfyUI unloads the module
+    entirely instead. None outside ComfyUI."""
+    mp = _comfy("comfy.model_patcher")
+    if mp is None:
+        return None
+    if mp.ModelPatcher in _WHOLE_MODULE_PATCHERS:
+        return _WHOLE_MODULE_PATCHERS[mp.ModelPatcher]
+
+    class WholeModulePatcher(mp.ModelPatcher):
+        def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+            return super().load(device_to, lowvram_model_memory=0, force_patch_weights=force_patch_weights,
+                                full_load=True)
+
+        def partially_unload(self, device_to, memory_to_free=0):
+            return 0  # nothing freed: ComfyUI then detaches the whole module (model_unload)
+
+    _WHOLE_MODULE_PATCHERS[mp.ModelPatcher] = WholeModulePatcher
+    return WholeModulePatcher
+
+
+def patcher_for(module: torch.nn.Module):
+    """The one WholeModulePatcher of ``module`` (made on first use and kept on the module), or None outside
+    ComfyUI. It manages a holder around the module: ModelPatcher sets ``.device`` on the model it manages,
+    which diffusers and transformers models expose as a read-only property."""
+    cls = whole_module_patcher_class()
+    if cls is None:
+        return None
+    patcher = module.__dict__.get("_harmonize_patcher")
+    if patcher is None:
+        holder = torch.nn.ModuleDict({"module": module})
+        patcher = cls(holder, load_device=torch_device(), offload_device=offload_device())
+        object.__setattr__(module, "_harmonize_patcher", patcher)
+    return patcher
+
+
+def load_models(*modules: torch.nn.Module) -> torch.device:
+    """Put ``modules`` on the compute device for one run. In ComfyUI each is a model of its own in model
+    management (one patcher each, so each is accounted and evicted alone) and they are loaded in ONE call,
+    so loading one cannot evict another the same run needs; each is loaded fully (see
+    whole_module_patcher_class). Outside ComfyUI they are simply moved. Returns the device to compute on."""
+    device = torch_device()
+    mm = _comfy("comfy.model_management")
+    patchers = [patcher_for(m) for m in modules]
+    if mm is not None and all(p is not None for p in patchers):
+        mm.load_models_gpu(patchers, force_full_load=True)
+    else:
+        for m in modules:
+            m.to(device)
+    if not torch.is_inference_mode_enabled():  # inside autograd(): weights must be able to take part
+        for m in modules:
+            _materialize(m)
+    return device
 
 
 def load_to_device(module: torch.nn.Module) -> torch.device:
-    """Put ``module`` on the compute device. In ComfyUI it is handed to model management (wrapped in a
-    ModelPatcher once), which accounts for its memory and may evict it or other models later; outside
-    ComfyUI it is simply moved. Returns the device to compute on."""
-    device = torch_device()
-    mm = _comfy("comfy.model_management")
-    mp = _comfy("comfy.model_patcher")
-    if mm is not None and mp is not None:
-        patcher = _patchers.get(module)
-        if patcher is None:
-            patcher = mp.ModelPatcher(module, load_device=device, offload_device=offload_device())
-            _patchers[module] = patcher
-        mm.load_models_gpu([patcher])
-    else:
-        module.to(device)
-    if not torch.is_inference_mode_enabled():  # inside autograd(): weights must be able to take part
-        _materialize(module)
-    return device
+    """load_models for one module."""
+    return load_models(module)
 
 
 # ------------------------------------------------------------------------------------------ autograd

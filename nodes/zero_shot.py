@@ -36,13 +36,10 @@ def _model_choices() -> dict:
     return host.sd_model_choices(MODEL_FOLDERS)
 
 
-def _on_device(model: ZeroShotModel) -> ZeroShotModel:
-    """Hand the networks to ComfyUI's model management (or move them) before a run."""
-    cache = model.components.cache
-    container = cache.get("module")
-    if container is None:
-        container = cache["module"] = torch.nn.ModuleDict(model.components.modules())
-    model.to(host.load_to_device(container))
+def _on_device(model: ZeroShotModel, *extra) -> ZeroShotModel:
+    """Hand the networks (one patcher each) and the ``extra`` modules the run also uses (PiDiNet, evaluator)
+    to ComfyUI's model management in one load, so none of them evicts another mid-run."""
+    model.to(host.load_models(*model.components.modules().values(), *(m for m in extra if m is not None)))
     return model
 
 
@@ -258,7 +255,7 @@ class HarmonizeZeroShotEdit:
     @host.autograd_node  # ComfyUI runs nodes under inference mode; this one optimises
     def edit(self, model, inversion, embeddings, preset, painterly, feather, detail, pidinet=None, settings=None):
         s = _settings(preset, settings, painterly=painterly)
-        m = _on_device(model)
+        m = _on_device(model, pidinet)
         work = WorkCounter()
         steps = inversion.items[0].steps if inversion.items else 0
         out, _ = zs.edit_batch(m, inversion, embeddings, s, _pidinet(pidinet), feather, detail, work,
@@ -311,7 +308,7 @@ class HarmonizeZeroShotIterative:
     def run(self, model, image, mask, descriptions, preset, painterly, resolution, seed, feather, detail, pidinet=None,
             evaluator=None, settings=None):
         s = _settings(preset, settings, painterly=painterly, resolution=resolution, seed=seed)
-        m = _on_device(model)
+        m = _on_device(model, pidinet, evaluator)
         work = WorkCounter()
         n = image.shape[0] if image.dim() == 4 else 1
         total = zl.progress_total(s, len(descriptions.candidates)) * n

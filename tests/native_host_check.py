@@ -17,6 +17,15 @@ ComfyUI's own sampler, decodes with ComfyUI's VAE, and compares with the pack's 
 - ``differences``: each place where ComfyUI's path necessarily differs from the official code, measured
   alone on the decoded image: the start-noise scale, KSampler's own ancestral noise stream, the VAE mean
   instead of a posterior sample, integer timesteps, and a full-size mask resized by ComfyUI.
+
+``partial_loads``: every model the pack loads (the diffusers UNet, VAE and text encoder, the refiner, PiDiNet,
+the harmony evaluator, a local VLM) through its own patcher (nodes/host.py: patcher_for) under the calls
+ComfyUI makes when memory is short: ``LoadedModel.model_load`` with a small weight budget (a partial load)
+and ``model_unload`` with a small amount to free (a partial unload), then a forward pass. A device mismatch
+cannot show on a CPU-only machine, so the offload device is made ``meta`` for the partial unload: a layer
+moved there fails at the forward as a layer left on another device would. ComfyUI's stock ModelPatcher on a
+copy of each module shows the failure this prevents. The native MODEL (ComfyUI's own ops) is partially
+loaded too and sampled.
 """
 from __future__ import annotations
 
@@ -148,6 +157,121 @@ def parity(root: Path, resolution: int = 96, seed: int = 7) -> dict:
     return out
 
 
+def _forwards(root: Path) -> dict:
+    """(module, forward) for every model the pack loads, tiny and random."""
+    import torch
+
+    import tiny_models
+    import tiny_vlm
+    from comfyui_harmonize.pipelines.describe import vlm
+    from comfyui_harmonize.pipelines.diffharmony import refiner as rf
+    from comfyui_harmonize.pipelines.edges import pidinet
+    from comfyui_harmonize.pipelines.evaluation import evaluator
+    from comfyui_harmonize.pipelines.sd.loading import load_sd
+
+    sd = load_sd(root / "DiffHarmony")
+    tiny_models.write_refiner(root / "refinement")
+    refiner = rf.load_refiner(root / "refinement")
+    torch.manual_seed(0)
+    pidi = pidinet.PiDiNet(20, 8, True).eval()
+    ev = evaluator.ResNet((1, 1, 1, 1), base_width=8).eval()
+    local = vlm.load_local_model(str(tiny_vlm.save_tiny_llava(root / "vlm")), torch.float32)
+
+    def dev(m):
+        return next(m.parameters()).device
+
+    ids = torch.tensor([[2, 5, 6, 7]])
+    return {
+        "diffharmony unet": (sd.unet, lambda m: m(torch.randn(1, 9, 8, 8, device=dev(m)), 500,
+                                                   encoder_hidden_states=torch.randn(1, 77, 32, device=dev(m)))),
+        "diffharmony vae": (sd.vae, lambda m: m.decode(m.encode(torch.rand(1, 3, 64, 64, device=dev(m))
+                                                                ).latent_dist.mode()).sample),
+        "text encoder": (sd.text_encoder, lambda m: m(torch.tensor([[583, 584]], device=dev(m)))[0]),
+        "refiner": (refiner, lambda m: m(torch.rand(1, 7, 64, 64,
+                                                    device=dev(m)))),
+        "pidinet": (pidi, lambda m: m(torch.rand(1, 3, 32, 32, device=dev(m)))),
+        "harmony evaluator": (ev, lambda m: m(torch.rand(1, 4, 32, 32, device=dev(m)))),
+        "local vlm": (local.holder, lambda m: m["vlm"](input_ids=ids.to(dev(m))).logits),
+    }
+
+
+def partial_loads(root: Path) -> dict:
+    import copy
+
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher as mp
+
+    from comfyui_harmonize.nodes import host
+
+    meta = torch.device("meta")
+    results = {}
+    for name, (module, forward) in _forwards(root).items():
+        size = mm.module_size(module)
+        budget = max(size // 3, 1)  # a third of its weights fit: ComfyUI would load it partially
+        entry = {"mib": round(size / 2 ** 20, 3)}
+        # ours: a forced partial load is a full load; a forced partial unload frees nothing -> full unload
+        patcher = host.patcher_for(module)
+        patcher.offload_device = meta
+        loaded = mm.LoadedModel(patcher)
+        loaded.model_load(lowvram_model_memory=budget)
+        entry["after_partial_load_on"] = sorted({p.device.type for p in module.parameters()})
+        freed = patcher.partially_unload(meta, memory_to_free=budget)
+        with torch.no_grad():
+            forward(module)
+        entry["ours"] = f"full load, partial unload freed {freed} bytes, forward ran"
+        patcher.offload_device = torch.device("cpu")
+        # ComfyUI's stock patcher on a copy: a partial unload leaves part of the module behind
+        twin = copy.deepcopy(module)
+        stock = mp.ModelPatcher(torch.nn.ModuleDict({"module": twin}), load_device=mm.get_torch_device(), offload_device=meta)
+        mm.LoadedModel(stock).model_load(lowvram_model_memory=0)
+        stock.partially_unload(meta, memory_to_free=budget)
+        devices = {p.device.type for p in twin.parameters()}
+        try:
+            with torch.no_grad():
+                forward(twin)
+            entry["stock"] = f"parameters on {sorted(devices)}, forward ran"
+        except Exception as exc:  # what a half-moved module does
+            entry["stock"] = f"parameters on {sorted(devices)}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        results[name] = entry
+    return results
+
+
+def native_partial_load(root: Path) -> str:
+    """The native MODEL/CLIP/VAE (ComfyUI's own ops) partially loaded as ComfyUI does, then used."""
+    import torch
+    import comfy.model_management as mm
+
+    from comfyui_harmonize.nodes import host
+
+    model, clip, vae = host.native_sd(root / "DiffHarmony", torch.float32, torch.float32)
+    out = []
+    for name, patcher in (("MODEL", model), ("CLIP", clip.patcher), ("VAE", vae.patcher)):
+        loaded = mm.LoadedModel(patcher)
+        loaded.model_load(lowvram_model_memory=max(patcher.model_size() // 3, 1))
+        out.append(f"{name} lowvram={bool(getattr(patcher.model, 'model_lowvram', False))}")
+    with torch.no_grad():
+        x = torch.randn(1, 4, 8, 8)
+        den = model.model.apply_model(x, torch.tensor([1.0]), c_concat=torch.zeros(1, 5, 8, 8),
+                                      c_crossattn=torch.zeros(1, 77, 32))
+        cond = host.encode_prompt(clip, "")
+        img = vae.decode(torch.zeros(1, 4, 8, 8))
+    ok = bool(torch.isfinite(den).all()) and bool(torch.isfinite(cond[0][0]).all()) and bool(torch.isfinite(img).all())
+    return ", ".join(out) + f"; denoise, encode, decode ran{' (finite)' if ok else ' (NON-FINITE)'}"
+
+
+def run_in_host(python: str, comfyui: str, out: Path, timeout: float = 1200) -> dict:
+    """Run this script in the host's Python (from the test process); its JSON result."""
+    import subprocess
+
+    res = subprocess.run([python, str(Path(__file__).resolve()), "--comfyui", comfyui, "--json", str(out)],
+                         capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+    if res.returncode != 0 or not Path(out).is_file():
+        raise AssertionError(f"native_host_check failed ({res.returncode}):\n{res.stderr[-4000:]}")
+    return json.loads(Path(out).read_text())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", ""))
@@ -162,6 +286,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         result = {"parity": parity(Path(tmp))}
+        result["partial_loads"] = partial_loads(Path(tmp))
+        result["native_partial_load"] = native_partial_load(Path(tmp))
     text = json.dumps(result)
     if a.json:
         Path(a.json).write_text(text)

@@ -25,8 +25,20 @@ The host runs in its own Python (``COMFYUI_PYTHON``; by default a venv inside or
   healthy and the next run succeeds;
 - the server is stopped by its process id.
 
+- every workflow again with its SD model replaced by the files users really have (VARIANTS): a single-file
+  checkpoint whose only tokenizer is ComfyUI's bundled one, and a diffusers folder with a tokenizer.json-only
+  tokenizer;
+- tests/native_host_check.py in the host's Python: the native DiffHarmony path against the pack's diffusers
+  path on the same tiny weights and noise (within 1e-3), each necessary difference measured, and a forced
+  partial load of every model the pack loads;
+- with HARMONIZE_FRONTEND_ROOT, a second server serving that front end (``--front-end-root``) loads, converts
+  and runs every workflow too. The newest one on the package registry, e.g.
+  ``pip install --no-deps --target /work/fe-new comfyui-frontend-package==1.58.1`` then
+  ``HARMONIZE_FRONTEND_ROOT=/work/fe-new/comfyui_frontend_package/static``.
+
 Environment:
   COMFYUI_PATH             the ComfyUI checkout (required)
+  HARMONIZE_FRONTEND_ROOT  a front end's static folder (with index.html) to test besides the one ComfyUI pins
   COMFYUI_PYTHON           the host's python (default: <checkout>/venv, <checkout>/.venv,
                            <checkout>/../comfy-venv, then this python)
   HARMONIZE_CHROMIUM       chromium executable (default: `chromium` on PATH); "none" = no browser
@@ -101,7 +113,8 @@ PLACED = {
 # the templates run as shipped. (ComfyUI folder, file name)
 PUBLISHED = (("checkpoints", "512-base-ema.safetensors"), ("pidinet", "table5_pidinet.pth"))
 
-SUMMARY: dict = {"nodes": 0, "workflows": [], "notes": [], "started_s": None}
+SUMMARY: dict = {"nodes": 0, "workflows": [], "variants": [], "native": [], "newest_front_end": [], "notes": [],
+                 "started_s": None}
 pytestmark = pytest.mark.timeout(int(START_S + 2 * RUN_S))  # the host start counts toward the first test
 
 
@@ -222,6 +235,7 @@ def write_models(root: Path) -> None:
     write_refiner(archive / "refinement")
 
     tiny_models.save_diffusers_pipeline(root / "diffusers" / PLACED["diffusers"], in_channels=4, seed=30)
+    write_variant_models(root)
 
     tok_dir = root / "_tok"
     tok = tiny_models.tiny_tokenizer(tok_dir)
@@ -256,6 +270,51 @@ def write_models(root: Path) -> None:
     (root / "harmony_evaluator").mkdir(parents=True)
     evaluator.save_evaluator(evaluator.ResNet((1, 1, 1, 1), base_width=8).eval(),
                              root / "harmony_evaluator" / PLACED["harmony_evaluator"])
+
+
+# The files users really have (issue 11): every workflow also runs with its SD model replaced by
+# (a) a single-file checkpoint whose only tokenizer is ComfyUI's bundled one (comfy/sd1_tokenizer; its sidecar
+#     .config folder holds the tiny configs but no tokenizer/), SD 1.x inpainting for DiffHarmony and SD 2.x
+#     text-to-image (pads with "!") for zero-shot, their text encoders on CLIP's 49408-token vocabulary;
+# (b) a diffusers folder whose tokenizer/ has only tokenizer.json (what current transformers save).
+VARIANTS = {  # variant -> {loader node: model value}
+    "single-file, ComfyUI's tokenizer only": {
+        "HarmonizeDiffHarmonyLoader": "checkpoints/tiny-sd15-inpainting-notok.safetensors",
+        "HarmonizeDiffHarmonyNativeLoader": "checkpoints/tiny-sd15-inpainting-notok.safetensors",
+        "HarmonizeZeroShotLoader": "checkpoints/tiny-sd2-notok.safetensors"},
+    "tokenizer.json-only diffusers folder": {
+        "HarmonizeDiffHarmonyLoader": "diffusers/tiny-inpaint-tokjson",
+        "HarmonizeDiffHarmonyNativeLoader": "diffusers/tiny-inpaint-tokjson",
+        "HarmonizeZeroShotLoader": "diffusers/tiny-sd-tokjson"},
+}
+
+
+def write_variant_models(root: Path) -> None:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
+
+    clip_vocab = 49408  # CLIP's BPE vocabulary, ComfyUI's tokenizer's ids (start 49406, end 49407)
+    tiny_models.save_single_file(root / "checkpoints" / "tiny-sd15-inpainting-notok.safetensors",
+                                 tiny_models.tiny_unet(9, seed=40, comfy_layout=True),
+                                 tiny_models.tiny_vae(seed=41, comfy_layout=True),
+                                 tiny_models.tiny_text_encoder(clip_vocab, seed=42), family="sd1", tokenizer=False)
+    torch.manual_seed(43)
+    unet = UNet2DConditionModel(**{**tiny_models.unet_config(4), "use_linear_projection": True}).eval()
+    cfg = tiny_models.tiny_text_encoder(clip_vocab, seed=44).config.to_dict()
+    cfg.update(hidden_act="gelu", pad_token_id=0)  # SD 2.x: OpenCLIP's GELU, padding with "!" (id 0)
+    torch.manual_seed(45)
+    tiny_models.save_single_file(root / "checkpoints" / "tiny-sd2-notok.safetensors", unet, tiny_models.tiny_vae(46),
+                                 CLIPTextModel(CLIPTextConfig.from_dict(cfg)).eval(), family="sd2", tokenizer=False)
+    for name, channels in (("tiny-inpaint-tokjson", 9), ("tiny-sd-tokjson", 4)):
+        folder = tiny_models.save_diffusers_pipeline(root / "diffusers" / name, in_channels=channels, seed=50 + channels,
+                                                     comfy_layout=True)
+        tok = folder / "tokenizer"
+        fast = CLIPTokenizerFast.from_pretrained(str(tok))
+        shutil.rmtree(tok)
+        fast.save_pretrained(str(tok))
+        for f in ("vocab.json", "merges.txt"):
+            (tok / f).unlink(missing_ok=True)
+        assert (tok / "tokenizer.json").is_file()
 
 
 def composite_and_mask(folder: Path) -> tuple[Image.Image, Image.Image]:
@@ -357,12 +416,26 @@ def host(tmp_path_factory, request):
                                        "custom_nodes": str(root / "custom_nodes")}}
     (root / "extra_model_paths.yaml").write_text(json.dumps(mapping))  # JSON is YAML
 
+    h = start_server(root, python, "comfyui.log", root / "output")
+    try:
+        SUMMARY["started_s"] = h.started_s
+        h.composite, h.mask = composite_and_mask(root / "input")  # as copied by the pack
+        yield h
+    finally:
+        code = h.stop()
+        SUMMARY["stopped"] = f"server pid {h.proc.pid} stopped by SIGTERM (exit code {code})"
+        _print_summary(request, h, time.monotonic() - h.t0)
+
+
+def start_server(root: Path, python: str, log_name: str, output: Path, extra_args: tuple = ()) -> Host:
+    """Start ComfyUI on a free port with the folders under ``root``; returns once /object_info answers."""
     port = free_port()
-    log = root / "comfyui.log"
+    log = root / log_name
+    output.mkdir(parents=True, exist_ok=True)
     cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-           "--output-directory", str(root / "output"), "--input-directory", str(root / "input"),
-           "--user-directory", str(root / "user"), "--database-url", f"sqlite:///{root / 'comfyui.db'}",
-           "--extra-model-paths-config", str(root / "extra_model_paths.yaml")]
+           "--output-directory", str(output), "--input-directory", str(root / "input"),
+           "--user-directory", str(root / "user"), "--database-url", f"sqlite:///{root / (log_name + '.db')}",
+           "--extra-model-paths-config", str(root / "extra_model_paths.yaml"), *extra_args]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HARMONIZE_MODELS_DIR")}
     env["PYTHONUNBUFFERED"] = "1"
     t0 = time.monotonic()
@@ -371,6 +444,7 @@ def host(tmp_path_factory, request):
                                 start_new_session=True)
     h = Host(root, proc, port, log)
     h.python = python
+    h.output_dir, h.t0 = output, t0
     try:
         while True:
             if proc.poll() is not None:
@@ -383,18 +457,16 @@ def host(tmp_path_factory, request):
             if time.monotonic() - t0 > START_S:
                 raise HostError(f"ComfyUI did not answer /object_info in {START_S:.0f} s:\n{h.log_tail()}")
             time.sleep(1)
-        SUMMARY["started_s"] = time.monotonic() - t0
-        h.composite, h.mask = composite_and_mask(root / "input")  # as copied by the pack
-        yield h
-    finally:
-        code = h.stop()
-        SUMMARY["stopped"] = f"server pid {proc.pid} stopped by SIGTERM (exit code {code})"
-        _print_summary(request, h, time.monotonic() - t0)
+    except BaseException:
+        h.stop()
+        raise
+    h.started_s = time.monotonic() - t0
+    return h
 
 
-@pytest.fixture(scope="module")
-def page(host, tmp_path_factory):
-    """The real front end in headless Chromium, or None (then the Python converter stands in)."""
+@contextlib.contextmanager
+def browser_page(url: str, shots: Path, key: str = "browser"):
+    """The front end served at ``url`` in headless Chromium, or None (then the Python converter stands in)."""
     exe = os.environ.get("HARMONIZE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     if exe.lower() == "none" or not os.path.exists(exe):
         SUMMARY["notes"].append(f"no chromium ({exe}): workflows converted by tests/workflow_runner.py, "
@@ -408,21 +480,28 @@ def page(host, tmp_path_factory):
                                 "not by the front end")
         yield None
         return
-    shots = tmp_path_factory.mktemp("screenshots")
-    SUMMARY["screenshots"] = str(shots)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
         pg = browser.new_page(viewport={"width": 1600, "height": 900})
         pg.errors = []
         pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
-        pg.goto(host.url + "/")
+        pg.goto(url + "/")
         pg.wait_for_function("window.app && window.app.graph && window.app.canvas", timeout=180_000)
         pg.shots = shots
-        SUMMARY["browser"] = f"{Path(exe).name} {browser.version}"
+        pg.frontend = pg.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ ?? null")
+        SUMMARY[key] = f"{Path(exe).name} {browser.version}, front end {pg.frontend}"
         try:
             yield pg
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(host, tmp_path_factory):
+    shots = tmp_path_factory.mktemp("screenshots")
+    SUMMARY["screenshots"] = str(shots)
+    with browser_page(host.url, shots) as pg:
+        yield pg
 
 
 # ----------------------------------------------------------------------------------- the front end
@@ -465,7 +544,7 @@ BOUNDS_JS = """() => {  // the nodes' bounding box in page pixels (title bars in
 }"""
 
 
-def load_in_front_end(page, workflow: dict, name: str) -> dict:
+def load_in_front_end(page, workflow: dict, name: str, publish: bool = True) -> dict:
     """Load like a drag and drop, check every node is known and kept its widget values, photograph it,
     and convert it with the front end's graphToPrompt. Returns the API prompt."""
     if page.errors:  # the front end's own start-up (e.g. settings migration on a fresh user folder)
@@ -490,7 +569,7 @@ def load_in_front_end(page, workflow: dict, name: str) -> dict:
             if w > 0 and h > 0:
                 overlaps.append(f"node {a['id']} ({a['type']}) and node {b['id']} ({b['type']}) overlap by "
                                 f"{w:.0f}x{h:.0f} px")
-    screenshot(page, name)
+    screenshot(page, name, publish=publish)
     assert not overlaps, f"{name}: nodes cover each other's widgets in the front end: {overlaps}"
     assert not page.errors, f"{name}: errors in the page: {page.errors}"
     return page.evaluate(TO_PROMPT_JS)
@@ -755,6 +834,94 @@ def test_workflow_runs_in_the_real_host(host, page, ollama, path):
     SUMMARY["workflows"].append(f"{path.name}: converted by the {via}, ran in {seconds:.1f} s, "
                                 f"images {', '.join(produced)}")
     host.prompts[path.stem] = (prompt, workflow)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_runs_on_the_files_users_have(host, path, variant):
+    """The workflow as converted above, its SD model replaced by the variant's (see VARIANTS)."""
+    if path.stem not in host.prompts:
+        pytest.skip(f"{path.stem} did not run as shipped in this session")
+    prompt, workflow = host.prompts[path.stem]
+    prompt = json.loads(json.dumps(prompt))
+    swapped = []
+    for key, node in prompt.items():
+        value = VARIANTS[variant].get(node["class_type"])
+        if value is not None:
+            node["inputs"]["model"] = value
+            swapped.append(f"{node['class_type']}#{key}")
+    assert swapped, f"{path.stem} has no SD model loader"
+    t0 = time.monotonic()
+    entry = _run(host, prompt, f"{path.stem} ({variant})")
+    _check_outputs(host, path.stem, entry, workflow)
+    SUMMARY["variants"].append(f"{path.name} on a {variant}: ran in {time.monotonic() - t0:.1f} s")
+
+
+def test_native_matches_the_pack_and_partial_loads_run(host, tmp_path):
+    """tests/native_host_check.py in the host's Python: the native path vs the pack's diffusers path on the
+    same tiny weights and noise, each necessary difference, forced partial loads of every pack model."""
+    import native_host_check
+
+    r = native_host_check.run_in_host(host.python, COMFYUI_PATH, tmp_path / "native.json", timeout=RUN_S)
+    p = r["parity"]
+    assert p["parity"] < 1e-3, p
+    d = p["differences"]
+    SUMMARY["native"] = [
+        f"native (ComfyUI loader objects + DiffHarmony Conditioning + ComfyUI sampler + VAE decode) vs the pack's "
+        f"diffusers path, same weights, same x_T and ancestral draws, fp32 CPU: max |difference| "
+        f"{p['parity']:.2e} of the decoded image (0..1); with the pack fed ComfyUI's integer timesteps "
+        f"{p['parity_with_integer_timesteps_in_pack']:.2e}",
+        f"differences alone (max on the decoded image): integer timesteps {d['integer_timesteps']:.2e} "
+        f"(ComfyUI {p['timesteps']['comfyui']} vs {p['timesteps']['diffusers']}), start noise x{p['start_scale']:.5f} "
+        f"{d['start_noise_scale']:.2e}, KSampler's own noise stream {d['ksampler_noise_stream']:.3f}, VAE mean vs "
+        f"posterior sample {d['vae_mean_vs_posterior_sample']:.3f}, a working-size mask resized by ComfyUI "
+        f"{d['full_size_mask']:.3f} ({p['mask_cells_differing_if_full_size']} of {p['mask_cells']} latent cells)"]
+    for name, e in r["partial_loads"].items():
+        assert e["ours"].endswith("forward ran"), (name, e)
+        SUMMARY["native"].append(f"forced partial load, {name} ({e['mib']} MiB): {e['ours']}; stock ModelPatcher: "
+                                 f"{e['stock']}")
+    assert r["native_partial_load"].endswith("(finite)")
+    SUMMARY["native"].append(f"native MODEL/CLIP/VAE partially loaded: {r['native_partial_load']}")
+
+
+# ------------------------------------------------------------------------- the newest front end
+FRONTEND_ROOT = os.environ.get("HARMONIZE_FRONTEND_ROOT", "")
+
+
+@pytest.fixture(scope="module")
+def newest_front_end(host, tmp_path_factory):
+    """A second server of the same ComfyUI and folders, serving the front end in HARMONIZE_FRONTEND_ROOT
+    (``--front-end-root``), and a page on it."""
+    if not FRONTEND_ROOT or not (Path(FRONTEND_ROOT) / "index.html").is_file():
+        pytest.skip("HARMONIZE_FRONTEND_ROOT is not a front end's static folder (see the module docstring)")
+    h = start_server(host.root, host.python, "comfyui-newest-fe.log", host.root / "output-newest-fe",
+                     ("--front-end-root", FRONTEND_ROOT))
+    h.python, h.composite, h.mask = host.python, host.composite, host.mask
+    try:
+        with browser_page(h.url, tmp_path_factory.mktemp("screenshots-newest"), key="newest front end") as pg:
+            if pg is None:
+                pytest.skip("no browser for the newest front end")
+            yield h, pg
+    finally:
+        h.stop()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_in_the_newest_front_end(newest_front_end, ollama, path):
+    from comfyui_harmonize import NODE_CLASS_MAPPINGS
+
+    h, pg = newest_front_end
+    workflow = json.loads(path.read_text())
+    prompt = load_in_front_end(pg, workflow, path.stem + "-newest", publish=False)
+    ours = workflow_runner.to_api(workflow, NODE_CLASS_MAPPINGS)
+    assert strip_meta(prompt) == ours, ("tests/workflow_runner.to_api disagrees with the newest front end:\n"
+                                        f"front end {json.dumps(strip_meta(prompt))}\nours {json.dumps(ours)}")
+    prompt, changed = adjusted(prompt, ollama.url, h.object_info)
+    t0 = time.monotonic()
+    entry = _run(h, prompt, path.stem + " (newest front end)", pg.evaluate(CLIENT_ID_JS))
+    produced = _check_outputs(h, path.stem, entry, workflow)
+    SUMMARY["newest_front_end"].append(f"{path.name}: loaded, converted (= workflow_runner), ran in "
+                                       f"{time.monotonic() - t0:.1f} s, images {', '.join(produced)}")
 
 
 def _sampler_of(prompt: dict) -> tuple[str, dict] | None:
@@ -1032,6 +1199,13 @@ def _print_summary(request, host, total_s: float) -> None:
              f"(the pack's sample {SAMPLES[0]}, {host.composite.size[0]}x{host.composite.size[1]}, "
              f"copied into the input folder by the pack)"]
     lines += ["  " + w for w in SUMMARY["workflows"]]
+    lines.append(f"workflows on the files users have: {len(SUMMARY['variants'])} runs")
+    lines += ["  " + w for w in SUMMARY["variants"]]
+    lines.append("native DiffHarmony and model patchers, in process in the host's Python:")
+    lines += ["  " + w for w in SUMMARY["native"]]
+    lines.append(f"newest front end ({FRONTEND_ROOT or 'HARMONIZE_FRONTEND_ROOT not set'}): "
+                 f"{SUMMARY.get('newest front end', 'not run')}")
+    lines += ["  " + w for w in SUMMARY["newest_front_end"]]
     for key in ("interrupt", "interrupt outside the sampler", "model_management", "missing_models", "browser",
                 "screenshots", "stopped"):
         if SUMMARY.get(key):

@@ -37,7 +37,8 @@ def fake_comfy(monkeypatch, models_root):
         get_torch_device=lambda: torch.device("cpu"), unet_offload_device=lambda: torch.device("cpu"),
         intermediate_device=lambda: torch.device("cpu"), should_use_bf16=lambda d: False,
         throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
-        load_models_gpu=lambda patchers: calls["loaded"].extend(patchers), soft_empty_cache=lambda: None)
+        load_models_gpu=lambda patchers, **kw: calls["loaded"].append((list(patchers), kw)),
+        soft_empty_cache=lambda: None)
 
     class ModelPatcher:
         def __init__(self, model, load_device, offload_device):
@@ -83,9 +84,13 @@ def test_in_comfy_progress_cancel_and_model_management(fake_comfy, models_root):
     (lm,) = N.HarmonizeMaskToLatent().downsample(mask, lat)
     N.HarmonizeDiffHarmonySampler().sample(model, lat, lm, 0, 4, "euler_ancestral", 1.0)
     assert fake_comfy["updates"] == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    patched = fake_comfy["loaded"]
-    assert patched and all(set(p.model.keys()) == {"unet", "vae", "text_encoder"} for p in patched)
-    assert len({id(p) for p in patched}) == 1  # one ModelPatcher per model, reused across nodes
+    (encode_load, encode_kw), (sample_load, sample_kw) = fake_comfy["loaded"]
+    # one patcher per component, each holding just that network, loaded whole (never partially)
+    assert [p.model["module"] for p in encode_load] == [model.vae]
+    assert [p.model["module"] for p in sample_load] == [model.unet, model.text_encoder]
+    assert encode_kw == sample_kw == {"force_full_load": True}
+    N.HarmonizeDiffHarmonyDecode().decode(model, lat)
+    assert fake_comfy["loaded"][-1][0][0] is encode_load[0]  # the same patcher, reused across nodes
     fake_comfy["interrupt_after"] = fake_comfy["checks"] + 2
     with pytest.raises(Interrupted):
         N.HarmonizeDiffHarmonySampler().sample(model, lat, lm, 0, 5, "euler_ancestral", 1.0)
