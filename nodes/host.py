@@ -97,6 +97,8 @@ def whole_module_patcher_class():
     mp = _comfy("comfy.model_patcher")
     if mp is None:
         return None
+    if not isinstance(mp.ModelPatcher, type):  # a stand-in factory (tests): nothing to specialise
+        return mp.ModelPatcher
     if mp.ModelPatcher in _WHOLE_MODULE_PATCHERS:
         return _WHOLE_MODULE_PATCHERS[mp.ModelPatcher]
 

@@ -52,7 +52,7 @@ def comfy_interrupt(monkeypatch, models_root):
         get_torch_device=lambda: torch.device("cpu"), unet_offload_device=lambda: torch.device("cpu"),
         intermediate_device=lambda: torch.device("cpu"), should_use_bf16=lambda d: False,
         throw_exception_if_processing_interrupted=lambda: check(),
-        load_models_gpu=lambda patchers: None, soft_empty_cache=lambda: None)
+        load_models_gpu=lambda patchers, **kw: None, soft_empty_cache=lambda: None)
     fp = types.SimpleNamespace(models_dir=str(models_root), add_model_folder_path=lambda *a: None,
                                get_folder_paths=lambda name: [str(models_root / name)],
                                get_output_directory=lambda: str(models_root / "output"))
