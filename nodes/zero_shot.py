@@ -39,7 +39,8 @@ def _model_choices() -> dict:
 def _on_device(model: ZeroShotModel, *extra) -> ZeroShotModel:
     """Hand the networks (one patcher each) and the ``extra`` modules the run also uses (PiDiNet, evaluator)
     to ComfyUI's model management in one load, so none of them evicts another mid-run."""
-    model.to(host.load_models(*model.components.modules().values(), *(m for m in extra if m is not None)))
+    model.to(host.load_models(*model.components.modules().values(),
+                              *(m for m in extra if isinstance(m, torch.nn.Module))))  # (a score may be a plain callable)
     return model
 
 
