@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     from comfyui_harmonize.nodes import diffharmony as N
     from comfyui_harmonize.nodes import host
     from comfyui_harmonize.pipelines.diffharmony import pipeline as dh
-    from comfyui_harmonize.pipelines.sd.loading import load_sd
+    from comfyui_harmonize.pipelines.sd.models import load_sd
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -167,7 +167,7 @@ def _forwards(root: Path) -> dict:
     from comfyui_harmonize.pipelines.diffharmony import refiner as rf
     from comfyui_harmonize.pipelines.edges import pidinet
     from comfyui_harmonize.pipelines.evaluation import evaluator
-    from comfyui_harmonize.pipelines.sd.loading import load_sd
+    from comfyui_harmonize.pipelines.sd.models import load_sd
 
     sd = load_sd(root / "DiffHarmony")
     tiny_models.write_refiner(root / "refinement")
