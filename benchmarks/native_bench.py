@@ -102,6 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--pytorch-attention", action="store_true",
+                    help="ComfyUI's --use-pytorch-cross-attention (on a CPU ComfyUI otherwise uses its "
+                         "sub-quadratic attention)")
     a = ap.parse_args(argv)
     if not a.comfyui:
         print("COMFYUI_PATH (or --comfyui) is required: the native path runs ComfyUI's own code", file=sys.stderr)
@@ -110,6 +113,9 @@ def main(argv=None) -> int:
     import native_host_check
 
     native_host_check.setup_comfy(a.comfyui)
+    from comfy.cli_args import args as comfy_args
+
+    comfy_args.use_pytorch_cross_attention = a.pytorch_attention
     import torch
     import comfy.sample
 
@@ -153,8 +159,11 @@ def main(argv=None) -> int:
                     times[name].append(time.perf_counter() - t0)
                 peaks[name].append(peak.mib)
     w, h = image.shape[2], image.shape[1]
+    import comfy.ldm.modules.attention as comfy_attention
+
     print(f"DiffHarmony, 5 steps, working size {a.resolution} px long side ({w}x{h} composite), {device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.repeats} interleaved repeats")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.repeats} interleaved repeats; "
+          f"ComfyUI attention: {comfy_attention.optimized_attention.__name__}")
     med = {k: statistics.median(v) for k, v in times.items()}
     what = "peak allocated (CUDA)" if device.type == "cuda" else "peak RSS rise"
     for name in times:
