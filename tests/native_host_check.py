@@ -260,6 +260,20 @@ def native_partial_load(root: Path) -> str:
     return ", ".join(out) + f"; denoise, encode, decode ran{' (finite)' if ok else ' (NON-FINITE)'}"
 
 
+def fp8_unet(root: Path) -> str:
+    """The loader's weight_dtype fp8_e4m3fn: the UNet is stored in 8 bits and still denoises (cast per layer)."""
+    import torch
+
+    from comfyui_harmonize.nodes import host
+
+    model, _, _ = host.native_sd(root / "DiffHarmony", torch.float8_e4m3fn)
+    weight = model.model.diffusion_model.input_blocks[0][0].weight
+    with torch.no_grad():
+        den = model.model.apply_model(torch.randn(1, 4, 8, 8), torch.tensor([1.0]), c_concat=torch.zeros(1, 5, 8, 8),
+                                      c_crossattn=torch.zeros(1, 77, 32))
+    return f"UNet weights {str(weight.dtype).replace('torch.', '')}, denoise {'finite' if torch.isfinite(den).all() else 'NON-FINITE'}"
+
+
 def run_in_host(python: str, comfyui: str, out: Path, timeout: float = 1200) -> dict:
     """Run this script in the host's Python (from the test process); its JSON result."""
     import subprocess
@@ -288,6 +302,7 @@ def main(argv=None) -> int:
         result = {"parity": parity(Path(tmp))}
         result["partial_loads"] = partial_loads(Path(tmp))
         result["native_partial_load"] = native_partial_load(Path(tmp))
+        result["fp8"] = fp8_unet(Path(tmp))
     text = json.dumps(result)
     if a.json:
         Path(a.json).write_text(text)

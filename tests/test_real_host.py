@@ -882,6 +882,7 @@ def test_native_matches_the_pack_and_partial_loads_run(host, tmp_path):
                                  f"{e['stock']}")
     assert r["native_partial_load"].endswith("(finite)")
     SUMMARY["native"].append(f"native MODEL/CLIP/VAE partially loaded: {r['native_partial_load']}")
+    SUMMARY["native"].append(f"native loader, weight_dtype fp8_e4m3fn: {r['fp8']}")
 
 
 # ------------------------------------------------------------------------- the newest front end

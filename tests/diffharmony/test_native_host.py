@@ -62,3 +62,7 @@ def test_forced_partial_loads_run(result):
         assert entry["after_partial_load_on"] == ["cpu"], (name, entry)  # nothing left on the offload device
     assert any("Error" in e["stock"] for e in loads.values())  # what the patcher prevents
     assert result["native_partial_load"].endswith("(finite)")
+
+
+def test_fp8_unet_weights(result):
+    assert result["fp8"] == "UNet weights float8_e4m3fn, denoise finite"
