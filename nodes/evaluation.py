@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..pipelines.core.errors import WeightsError
 from ..pipelines.evaluation import evaluator as ev
 from ..pipelines.evaluation import metrics
-from ..pipelines.zero_shot import loop as zl
+from ..pipelines.evaluation.lab_score import LabStatisticsScore
 from . import host
 from .widgets import DTYPE, EVALUATOR
 
@@ -106,7 +106,7 @@ class HarmonizeLabHarmonyScore:
         }}
 
     def build(self, ring, scale):
-        return (zl.LabStatisticsScore(ring=ring, scale=scale),)
+        return (LabStatisticsScore(ring=ring, scale=scale),)
 
 
 class HarmonizeMetrics:

@@ -226,17 +226,3 @@ def refine_embeddings(model: ZeroShotModel, trajectory: torch.Tensor, timesteps,
         torch.stack(alphas).cpu(), losses, fg.detach().cpu(), bg.detach().cpu(), fg_init.cpu(), bg_init.cpu(),
         factor, maps_last.cpu() if maps_last is not None else None,
     )
-
-
-def unrefined_embeddings(model: ZeroShotModel, description: Description, steps: int) -> RefinedEmbeddings:
-    """The same structure without optimisation (uniform alphas): the baseline the refinement improves on."""
-    tokens = prompt_tokens(model, description)
-    ids = torch.stack([tokens.source_ids, tokens.target_ids])
-    with torch.no_grad():
-        ctx = model.encode_ids(ids.to(model.device)).float().cpu()
-    fg_pos, bg_pos = list(tokens.fg_positions), list(tokens.bg_positions)
-    alpha = torch.full((len(bg_pos),), 1.0 / len(bg_pos))
-    edited = ctx[0].clone()
-    edited[fg_pos] = (ctx[1, bg_pos] * alpha[:, None]).sum(0)
-    rep = lambda x: x[None].expand(steps, *x.shape).clone()  # noqa: E731
-    return RefinedEmbeddings(description, tokens, rep(ctx[0]), rep(edited), rep(ctx[1]), rep(alpha), [], factor=0)

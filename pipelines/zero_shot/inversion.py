@@ -85,22 +85,6 @@ def ddim_invert(model: ZeroShotModel, latent: torch.Tensor, steps: int, context:
     return torch.cat(traj).cpu(), reverse.cpu()
 
 
-@torch.no_grad()
-def ddim_sample(model: ZeroShotModel, latent: torch.Tensor, steps: int, cond: torch.Tensor, uncond: torch.Tensor,
-                guidance: float) -> torch.Tensor:
-    """Plain DDIM sampling with classifier-free guidance from ``latent`` ``[1,C,h,w]``; ``cond`` / ``uncond``
-    are ``[77, D]`` for every step or ``[S, 77, D]`` per step. Returns the final latent."""
-    sched = model.ddim(steps)
-    x = latent.float().to(model.device)
-    for i, t in enumerate(sched.timesteps):
-        c = cond[i] if cond.dim() == 3 else cond
-        u = uncond[i] if uncond.dim() == 3 else uncond
-        out = model.unet_out(torch.cat([x, x]), t, torch.stack([u, c]).to(model.device))
-        eps = out[:1] + guidance * (out[1:] - out[:1])
-        x = sched.step(eps, t, x).prev_sample
-    return x
-
-
 @dataclass
 class NullTextSettings:
     lr: float = 0.1

@@ -16,10 +16,11 @@ from comfyui_harmonize.pipelines.describe.descriptions import Description
 from comfyui_harmonize.pipelines.core.errors import InputError, WeightsError
 from comfyui_harmonize.pipelines.edges.pidinet import PiDiNet
 from comfyui_harmonize.pipelines.zero_shot.attention import AttentionInjection, Controller, CrossAttentionStore, InjectionSchedule, attention_control, cross_attention_factors, grid_for_tokens, refinement_factor
-from comfyui_harmonize.pipelines.zero_shot.embeddings import RefinementSettings, prompt_tokens, refine_embeddings, unrefined_embeddings
-from comfyui_harmonize.pipelines.zero_shot.inversion import NullTextSettings, ddim_sample, nulltext_optimize
+from comfyui_harmonize.pipelines.zero_shot.embeddings import RefinementSettings, prompt_tokens, refine_embeddings
+from comfyui_harmonize.pipelines.zero_shot.inversion import NullTextSettings, nulltext_optimize
 from comfyui_harmonize.pipelines.zero_shot.model import WorkCounter, ZeroShotModel
 from conftest import make_composite
+from zero_shot_reference import ddim_sample, unrefined_embeddings
 
 DESC = Description("girl", ("golden", "autumn"), ("winter", "dark"))
 RES = 64  # working long side: a 48x64 image, 6x8 latent for the tiny model

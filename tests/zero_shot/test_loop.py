@@ -15,6 +15,7 @@ from comfyui_harmonize.nodes import evaluation as en
 from comfyui_harmonize.nodes import zero_shot as zn
 from comfyui_harmonize.pipelines.sd import models as sd_models
 from comfyui_harmonize.pipelines.zero_shot import passes as zs
+from comfyui_harmonize.pipelines.evaluation.lab_score import LabStatisticsScore
 from comfyui_harmonize.pipelines.zero_shot import loop as zl
 from comfyui_harmonize.pipelines.describe.descriptions import Description, DescriptionSet
 from comfyui_harmonize.pipelines.core.errors import InputError
@@ -118,7 +119,7 @@ def test_lab_statistics_score_prefers_a_foreground_matching_its_surroundings():
     tinted = image.clone()
     tinted[..., 0] = torch.where(mask > 0.5, (tinted[..., 0] * 0.4 + 0.6), tinted[..., 0])  # a red cast on the object
     dark = torch.where(mask[..., None] > 0.5, image * 0.3, image)
-    score = zl.LabStatisticsScore()
+    score = LabStatisticsScore()
     s = score(torch.cat([bg, tinted, dark]), mask.expand(3, -1, -1))
     assert s.shape == (3,) and bool(((s > 0) & (s <= 1)).all())
     assert s[0] > s[1] and s[0] > s[2]
