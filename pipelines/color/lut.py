@@ -313,10 +313,7 @@ def fit_lut_samples(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = N
 def _pairs(source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
     """Color pairs inside the mask at the target's resolution: the source (full resolution) and the mask
     are resized to the target's size, as the harmonizer saw them. Returns x, y ``[n,3]`` and weights ``[n]``."""
-    source, mask = images.image_and_mask(source, mask)
-    target = images.image_batch(target, "harmonized")
-    source, target = images.match_batches(source, target, ("composite", "harmonized"))
-    mask = images.match_batches(source, mask)[1]
+    source, target, mask = images.composite_result_mask(source, target, mask)
     size = tuple(target.shape[1:3])
     xs, ys, ws = [], [], []
     for i in range(source.shape[0]):
@@ -327,9 +324,9 @@ def _pairs(source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
         xs.append(x.reshape(-1, 3))
         ys.append(target[i].reshape(-1, 3))
         ws.append(m.reshape(-1))
-    if not xs:
-        raise InputError("the mask selects no pixel (>= 0.5): there are no foreground colors to fit a LUT "
-                         "on. Expected a mask that selects the harmonized object.")
+    if not xs:  # a batch is fitted on the foregrounds it has; none at all is the empty-mask policy's error
+        raise InputError("LUT fit: every mask selects no pixel (>= 0.5) at the harmonized size, so there are "
+                         "no foreground colors to fit on; expected the pasted object in white on black")
     return torch.cat(xs), torch.cat(ys), torch.cat(ws)
 
 

@@ -13,9 +13,10 @@ applies the colour change to the full-resolution composite, so every edge and te
 from __future__ import annotations
 
 import torch
+from kornia.color import lab_to_rgb, rgb_to_lab
 
 from ..core import images
-from .restore import restore
+from .restore import check_detail, restore_unchecked
 
 DEFAULT_RESOLUTION = 1024
 
@@ -24,8 +25,6 @@ def lab_color_match(image: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) 
     """Reinhard colour transfer in CIE Lab: each channel of the foreground (mask >= 0.5) is shifted and
     scaled so its mean and standard deviation equal the background's. IMAGE ``[B,H,W,3]``, MASK
     ``[B,H,W]``; pixels outside the mask are returned unchanged; an empty or full mask leaves the image."""
-    from kornia.color import lab_to_rgb, rgb_to_lab
-
     image, mask = images.image_and_mask(image, mask)
     out = image.clone()
     lab = rgb_to_lab(images.to_nchw(image))  # [B,3,H,W]
@@ -47,8 +46,11 @@ def harmonize_color_match(composite: torch.Tensor, mask: torch.Tensor, resolutio
     """The Lab colour match at a working resolution (``resolution`` on the long side, aspect kept; never
     upscaled), brought back to the composite's size by ``restore`` (``detail`` "transfer": the colour change
     applied to the full-resolution composite; "resample": the matched image resized). Outside the mask the
-    output is the composite bit for bit; an empty mask returns the composite."""
+    output is the composite bit for bit; a composite whose mask is empty is returned unchanged, with a
+    warning."""
     composite, mask = images.image_and_mask(composite, mask)
+    check_detail(detail)
+    images.warn_empty(mask, "colour match")
     h, w = composite.shape[1:3]
     size = (h, w)
     if max(h, w) > resolution:
@@ -58,4 +60,4 @@ def harmonize_color_match(composite: torch.Tensor, mask: torch.Tensor, resolutio
         small = images.resize_images(composite, size)
         small_mask = images.resize_masks(mask, size)
     matched = lab_color_match(small, small_mask)
-    return restore(matched, composite, mask, feather=feather, detail=detail)
+    return restore_unchecked(matched, composite, mask, feather=feather, detail=detail)

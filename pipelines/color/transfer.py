@@ -366,12 +366,18 @@ def transfer_color(composite: torch.Tensor, harmonized: torch.Tensor, mask: torc
     ``cancel`` is checked per candidate blur, per window moment of each fit and before every strip of the full-resolution
     pass (``STRIP_PIXELS`` pixels).
     """
-    composite, mask = images.image_and_mask(composite, mask)
-    harmonized = images.image_batch(harmonized, "harmonized")
-    composite, harmonized = images.match_batches(composite, harmonized, ("composite", "harmonized"))
-    mask = images.match_batches(composite, mask)[1]
+    composite, harmonized, mask = images.composite_result_mask(composite, harmonized, mask)
     if int(fit_long_side) < 8:
         raise InputError(f"fit_long_side must be >= 8, got {fit_long_side}")
+    return transfer_unchecked(composite, harmonized, mask, radius, eps, prior, blur_sigma, fit_long_side, callback,
+                              cancel)
+
+
+def transfer_unchecked(composite: torch.Tensor, harmonized: torch.Tensor, mask: torch.Tensor,
+                       radius: int | None = None, eps: float = DEFAULT_EPS, prior: float = DEFAULT_PRIOR,
+                       blur_sigma: float | None = None, fit_long_side: int = DEFAULT_FIT_LONG_SIDE,
+                       callback=None, cancel: cancelling.Cancel = None) -> torch.Tensor:
+    """:func:`transfer_color` on inputs already checked (``images.composite_result_mask``)."""
     bsz, hh, ww = composite.shape[:3]
     size = fit_size_for(tuple(harmonized.shape[1:3]), int(fit_long_side))
     out = torch.empty(bsz, hh, ww, 3, dtype=torch.float32)

@@ -6,6 +6,19 @@ never modify their inputs.
 Integer tensors (one rule for every node and entry point): ``uint8`` is read as 0..255 and divided by 255
 with a warning (a node that hands over 8-bit pixels is common and unambiguous); ``bool`` is 0/1; any other
 integer type is refused, since its range cannot be known.
+
+Checked once. A public entry point (a node's pipeline call, a stage function, the all-in-one ``harmonize``)
+validates its IMAGE/MASK inputs with these functions before any work (types, shapes, finite values, sizes,
+batches); the stages it then runs take the validated tensors as they are (their ``*_unchecked`` variants),
+so a composite is checked once per run however many stages see it.
+
+Empty masks, one policy. A mask "selects no pixel" when none of its values is >= 0.5.
+- Stages that change an image (DiffHarmony, restore, colour transfer, colour match): that image comes back
+  unchanged, with one warning naming its index in the batch; the other images are processed.
+- Stages that need the object to do anything (zero-shot harmonization, describing the object to a VLM,
+  fitting a LUT): an ``InputError`` before any work (:func:`require_foreground`).
+- Measures: defined values, never an error (fMSE of an empty mask is NaN and left out of averages, the
+  Lab statistics score is 1, the edge loss is 0).
 """
 from __future__ import annotations
 
@@ -117,6 +130,17 @@ def image_and_mask(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     return match_batches(image, mask)
 
 
+def composite_result_mask(composite: torch.Tensor, result: torch.Tensor, mask: torch.Tensor,
+                          result_name: str = "harmonized") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate a composite IMAGE, a result IMAGE made from it (any size) and the MASK: matching batches
+    (a batch of 1 is used for every image of the other), the mask at the composite's size."""
+    composite, mask = image_and_mask(composite, mask)
+    result = image_batch(result, result_name)
+    composite, result = match_batches(composite, result, ("composite", result_name))
+    mask = match_batches(composite, mask)[1]
+    return composite, result, mask
+
+
 def empty_masks(mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Bool ``[B]``: which masks select no pixel at ``threshold``."""
     return ~(mask >= threshold).flatten(1).any(dim=1)
@@ -129,6 +153,15 @@ def warn_empty(mask: torch.Tensor, what: str) -> torch.Tensor:
         idx = empty.nonzero().flatten().tolist()
         warnings.warn(f"{what}: mask {idx} selects no pixel (>= 0.5); that composite is returned unchanged")
     return empty
+
+
+def require_foreground(mask: torch.Tensor, what: str) -> None:
+    """The empty-mask policy of stages that need the object: an InputError naming the empty masks."""
+    empty = empty_masks(mask)
+    if bool(empty.any()):
+        idx = empty.nonzero().flatten().tolist()
+        raise InputError(f"{what}: mask {idx} selects no pixel (>= 0.5); expected the pasted object in white on "
+                         f"black")
 
 
 def fit_size(height: int, width: int, long_side: int, multiple: int = 8, square: bool = False) -> tuple[int, int]:

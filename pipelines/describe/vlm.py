@@ -186,9 +186,7 @@ def model_images(image: torch.Tensor, mask: torch.Tensor, mask_as: str, max_side
     if image.shape[0] > 1:
         warnings.warn(f"describe: the batch holds {image.shape[0]} composites; the first one is described")
     image, mask = image[:1], mask[:1]
-    if bool(im.empty_masks(mask)[0]):
-        raise InputError("the mask selects no pixel (>= 0.5): the model cannot be shown which object was pasted. "
-                         "Expected a mask that is white on the pasted object.")
+    im.require_foreground(mask, "describe (the model must be shown which object was pasted)")
     h, w = image.shape[1:3]
     if max(h, w) > max_side:
         size = im.fit_size(h, w, max_side, multiple=1)

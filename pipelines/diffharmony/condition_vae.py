@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core import images, model_files
@@ -318,9 +319,12 @@ def save_condition_vae(model: ConditionVAE, folder: str | os.PathLike) -> Path:
 def condition(composite: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``[composite in [-1, 1], binarised mask]`` at ``size`` ``[B, 4, H, W]``: the whole composite resized as
     the encode stage resizes it, the mask binarised at 0.5 and brought to ``size`` by nearest neighbour."""
-    import torch.nn.functional as F
-
     composite, mask = images.image_and_mask(composite, mask)
+    return condition_unchecked(composite, mask, size)
+
+
+def condition_unchecked(composite: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`condition` on a composite and mask already checked (``images.image_and_mask``)."""
     x = images.to_signed(images.resize_images(composite, size))
     m = F.interpolate((mask.float() >= 0.5).float()[:, None], size=tuple(size), mode="nearest")
     return torch.cat([x, m], dim=1)

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 # (which imports every node module), while a graph that never loads this model does not need them.
 from ..core import cancel as cancelling
 from ..core import images
-from ..color.restore import restore
+from ..color.restore import check_detail, restore_unchecked
 from ..core.errors import InputError, WeightsError
 from ..sd.loading import SDComponents
 from ..sd.models import load_sd
 from ..sd.prompts import prompt_embedding
 from . import condition_vae as cv
-from .refiner import refine
+from .refiner import check_refine_resolution, refine_unchecked
 
 SCHEDULERS = ("euler_ancestral", "euler", "ddim", "dpmpp_2m", "unipc")
 DEFAULT_STEPS = 5
@@ -132,7 +132,13 @@ def encode(sd: SDComponents, image: torch.Tensor, resolution: int = DEFAULT_RESO
     sample); ``False`` takes its mode. ``vae`` encodes instead of the model's own (the authors' pipeline
     encodes with the condition VAE's encoder when it decodes with one). ``cancel`` is checked before every
     block of the VAE encoder."""
-    image = images.image_batch(image)
+    return encode_unchecked(sd, images.image_batch(image), resolution, seed, square, sample, vae, cancel)
+
+
+def encode_unchecked(sd: SDComponents, image: torch.Tensor, resolution: int = DEFAULT_RESOLUTION, seed: int = 0,
+                     square: bool = False, sample: bool = True, vae=None,
+                     cancel: cancelling.Cancel = None) -> torch.Tensor:
+    """:func:`encode` on an IMAGE already checked (``images.image_batch``)."""
     size = working_size(image.shape[1], image.shape[2], resolution, square, sd)
     return encode_signed(vae if vae is not None else sd.vae, images.to_signed(images.resize_images(image, size)),
                          seed, sample, cancel)
@@ -227,8 +233,18 @@ def decode_with_condition(cvae, latents: torch.Tensor, composite: torch.Tensor, 
     the whole composite and the binarised mask, resized to the working size the latents have (8x their size,
     so the composite is resized exactly as ``encode`` resized it, keep-aspect or square); the condition's
     posterior is sampled from the ``condition`` stream of ``seed``, as the authors' pipeline samples it."""
+    composite, mask = images.image_and_mask(composite, mask)
+    return decode_with_condition_unchecked(cvae, latents, composite, mask, seed, cancel)
+
+
+@torch.no_grad()
+def decode_with_condition_unchecked(cvae, latents: torch.Tensor, composite: torch.Tensor, mask: torch.Tensor,
+                                    seed: int = 0, cancel: cancelling.Cancel = None) -> torch.Tensor:
+    """:func:`decode_with_condition` on a composite and mask already checked (``images.image_and_mask``)."""
+    size = (latents.shape[-2] * cvae.scale_factor, latents.shape[-1] * cvae.scale_factor)
     with cancelling.inside(cvae, cancel):
-        return cv.decode(cvae, latents, composite, mask, generator=generator(seed, "condition"))
+        return cv.decode(cvae, latents, composite, mask, generator=generator(seed, "condition"),
+                         cond=cv.condition_unchecked(composite, mask, size))
 
 
 def harmonize(sd: SDComponents, image: torch.Tensor, mask: torch.Tensor, seed: int = 0,
@@ -245,18 +261,22 @@ def harmonize(sd: SDComponents, image: torch.Tensor, mask: torch.Tensor, seed: i
     decode and refiner passes and per strip of the paste (see the stages).
     """
 
+    # every input is checked here, once, before any work; the stages below trust them (core/images.py)
     image, mask = images.image_and_mask(image, mask)
+    check_detail(detail)
+    if refiner is not None:
+        check_refine_resolution(refine_resolution)
     empty = images.warn_empty(mask, "DiffHarmony")
     if bool(empty.all()):
         return image.clone()
-    latents = encode(sd, image, resolution, seed, square, vae=condition_vae, cancel=cancel)
+    latents = encode_unchecked(sd, image, resolution, seed, square, vae=condition_vae, cancel=cancel)
     m = latent_mask(mask, latents.shape[-2:])
     out = sample(sd, latents, m, seed, steps, scheduler, guidance, callback=callback)
     if condition_vae is None:
         harmonized = decode(sd, out, cancel)
     else:
-        harmonized = decode_with_condition(condition_vae, out, image, mask, seed, cancel)
+        harmonized = decode_with_condition_unchecked(condition_vae, out, image, mask, seed, cancel)
     if refiner is not None:
-        harmonized = refine(refiner, harmonized, image, mask, refine_resolution, device=module_device(refiner),
-                            square=square, cancel=cancel)
-    return restore(harmonized, image, mask, feather=feather, detail=detail, cancel=cancel)
+        harmonized = refine_unchecked(refiner, harmonized, image, mask, refine_resolution,
+                                      device=module_device(refiner), square=square, cancel=cancel)
+    return restore_unchecked(harmonized, image, mask, feather=feather, detail=detail, cancel=cancel)

@@ -143,12 +143,21 @@ def refine(model: RefinerUNet, harmonized: torch.Tensor, composite: torch.Tensor
     composite's aspect ratio (sides multiples of 16), or to a ``resolution`` square as the official code does
     (``square=True``). Returns an IMAGE at that size; restore.py brings it back to the composite's size.
     ``cancel`` is checked before every block of the refiner UNet."""
+    check_refine_resolution(resolution)
+    composite, harmonized, mask = images.composite_result_mask(composite, harmonized, mask)
+    return refine_unchecked(model, harmonized, composite, mask, resolution, device, square, cancel)
+
+
+def check_refine_resolution(resolution: int) -> None:
     if resolution % 16 or resolution < 16:
         raise InputError(f"refine resolution must be a positive multiple of 16, got {resolution}")
-    composite, mask = images.image_and_mask(composite, mask)
-    harmonized = images.image_batch(harmonized, "harmonized")
-    harmonized, composite = images.match_batches(harmonized, composite, ("harmonized", "composite"))
-    mask = images.match_batches(composite, mask)[1]
+
+
+@torch.no_grad()
+def refine_unchecked(model: RefinerUNet, harmonized: torch.Tensor, composite: torch.Tensor, mask: torch.Tensor,
+                     resolution: int = 256, device: torch.device | str = "cpu", square: bool = False,
+                     cancel: cancelling.Cancel = None) -> torch.Tensor:
+    """:func:`refine` on inputs already checked (``images.composite_result_mask``, the resolution)."""
     size = images.fit_size(composite.shape[1], composite.shape[2], resolution, multiple=16, square=square)
     dtype = next(model.parameters()).dtype
     h = images.to_signed(images.resize_images(harmonized, size))

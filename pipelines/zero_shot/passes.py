@@ -31,7 +31,7 @@ import torch
 from ..core import images
 from ..describe.descriptions import Description
 from ..core.errors import InputError
-from ..color.restore import restore
+from ..color.restore import check_detail, restore_unchecked
 from .attention import AttentionInjection, InjectionSchedule, attention_control
 from .embeddings import RefinedEmbeddings, RefinementSettings, refine_embeddings
 from .inversion import Inversion, NullText, NullTextSettings, check_steps, ddim_invert, nulltext_optimize
@@ -210,17 +210,15 @@ def pass_progress_steps(settings: ZeroShotSettings) -> int:
 
 def full_size(edited: torch.Tensor, composite: torch.Tensor, mask: torch.Tensor, feather: int = 0,
               detail: str = "resample") -> torch.Tensor:
-    """Paste a working-size edit into the composite at the composite's own size."""
-    return restore(edited, composite, mask, feather, detail)
+    """Paste a working-size edit into the composite (checked by :func:`check_inputs`) at its own size."""
+    check_detail(detail)
+    return restore_unchecked(edited, composite, mask, feather, detail)
 
 
 def check_inputs(composite: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated ``[B,H,W,3]`` / ``[B,H,W]``; an empty mask is an error (nothing to harmonize)."""
     composite, mask = images.image_and_mask(composite, mask)
-    empty = images.empty_masks(mask)
-    if bool(empty.any()):
-        idx = empty.nonzero().flatten().tolist()
-        raise InputError(f"mask {idx} selects no pixel (>= 0.5): draw the pasted object in white on black")
+    images.require_foreground(mask, "zero-shot harmonization")
     return composite.contiguous(), mask.contiguous()
 
 
