@@ -260,7 +260,7 @@ class HarmonizeZeroShotEdit:
         work = WorkCounter()
         steps = inversion.items[0].steps if inversion.items else 0
         out, _ = zs.edit_batch(m, inversion, embeddings, s, _pidinet(pidinet), feather, detail, work,
-                               callback=host.Progress(2 * steps * len(inversion.items)))
+                               callback=host.Progress(2 * steps * len(inversion.items)), cancel=host.check_interrupt)
         report = _work_output(work)
         return {"ui": {"text": [report]}, "result": (out, report)}
 
@@ -315,7 +315,7 @@ class HarmonizeZeroShotIterative:
         total = zl.progress_total(s, len(descriptions.candidates)) * n
         best, every, log, scores, _ = zl.iterative_batch(m, image, mask, descriptions, s, evaluator,
                                                          _pidinet(pidinet), feather, detail, work,
-                                                         callback=host.Progress(total))
+                                                         callback=host.Progress(total), cancel=host.check_interrupt)
         report = _work_output(work)
         return {"ui": {"text": [log + "\n\n" + report]}, "result": (best, every, log, scores, report)}
 

@@ -125,8 +125,9 @@ class IterativeResult:
 def harmonize_iterative(model: ZeroShotModel, composite: torch.Tensor, mask: torch.Tensor,
                         descriptions: DescriptionSet, settings: ZeroShotSettings, evaluator=None,
                         pidinet: torch.nn.Module | None = None, feather: int = 0, detail: str = "resample",
-                        work: WorkCounter | None = None, callback=None) -> IterativeResult:
-    """The whole system for one composite ``[1,H,W,3]`` + mask ``[1,H,W]`` (full size)."""
+                        work: WorkCounter | None = None, callback=None, cancel=None) -> IterativeResult:
+    """The whole system for one composite ``[1,H,W,3]`` + mask ``[1,H,W]`` (full size). ``callback`` ticks
+    (and may cancel) the diffusion steps; ``cancel`` is checked inside each full-size paste."""
     composite, mask = check_inputs(composite, mask)
     if composite.shape[0] != 1:
         raise InputError("harmonize_iterative takes one composite; loop over a batch")
@@ -140,7 +141,7 @@ def harmonize_iterative(model: ZeroShotModel, composite: torch.Tensor, mask: tor
         # state: the working-size composite, or a previous output (working-size blend, full-size result)
         image = state[0] if isinstance(state, tuple) else state
         res = harmonize_pass(model, image, original_w, mask_w, description, settings, pidinet, work, callback)
-        return res.blended, full_size(res.edited, composite, mask, feather, detail)
+        return res.blended, full_size(res.edited, composite, mask, feather, detail, cancel)
 
     def score(output):
         return float(evaluator(output[1], mask)[0])
@@ -160,14 +161,14 @@ def progress_total(settings: ZeroShotSettings, n_candidates: int) -> int:
 def iterative_batch(model: ZeroShotModel, composite: torch.Tensor, mask: torch.Tensor, descriptions: DescriptionSet,
                     settings: ZeroShotSettings, evaluator=None, pidinet: torch.nn.Module | None = None,
                     feather: int = 0, detail: str = "resample", work: WorkCounter | None = None,
-                    callback=None) -> tuple[torch.Tensor, torch.Tensor, str, list[float], list[IterativeResult]]:
+                    callback=None, cancel=None) -> tuple[torch.Tensor, torch.Tensor, str, list[float], list[IterativeResult]]:
     """``harmonize_iterative`` for every composite of a batch: (best results ``[B,H,W,3]``, every evaluated
     result ``[T,H,W,3]``, log, scores in the order of the results, per-composite results)."""
     composite, mask = check_inputs(composite, mask)
     results = []
     for b in range(composite.shape[0]):
         results.append(harmonize_iterative(model, composite[b:b + 1], mask[b:b + 1], descriptions, settings,
-                                           evaluator, pidinet, feather, detail, work, callback))
+                                           evaluator, pidinet, feather, detail, work, callback, cancel))
     best = torch.cat([r.best for r in results])
     every = torch.cat([r.images for r in results])
     if len(results) == 1:

@@ -209,10 +209,11 @@ def pass_progress_steps(settings: ZeroShotSettings) -> int:
 
 
 def full_size(edited: torch.Tensor, composite: torch.Tensor, mask: torch.Tensor, feather: int = 0,
-              detail: str = "resample") -> torch.Tensor:
-    """Paste a working-size edit into the composite (checked by :func:`check_inputs`) at its own size."""
+              detail: str = "resample", cancel=None) -> torch.Tensor:
+    """Paste a working-size edit into the composite (checked by :func:`check_inputs`) at its own size
+    (``cancel``: see core/cancel.py; checked per strip)."""
     check_detail(detail)
-    return restore_unchecked(edited, composite, mask, feather, detail)
+    return restore_unchecked(edited, composite, mask, feather, detail, cancel=cancel)
 
 
 def check_inputs(composite: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,9 +259,10 @@ def refine_batch(model: ZeroShotModel, inversions: InversionBatch, description: 
 
 def edit_batch(model: ZeroShotModel, inversions: InversionBatch, refined: list, settings: ZeroShotSettings,
                pidinet: torch.nn.Module | None = None, feather: int = 0, detail: str = "resample",
-               work: WorkCounter | None = None, callback=None) -> tuple[torch.Tensor, list]:
+               work: WorkCounter | None = None, callback=None, cancel=None) -> tuple[torch.Tensor, list]:
     """Null-text optimisation + P2P edit of every inverted composite; returns the results pasted into the
-    composites at their full size ``[B,H,W,3]`` and the per-image PassResults."""
+    composites at their full size ``[B,H,W,3]`` and the per-image PassResults. ``callback`` ticks (and may
+    cancel) the diffusion steps; ``cancel`` is checked inside the full-size paste."""
     settings = settings.validate()
     if len(refined) != len(inversions.items):
         raise InputError(f"{len(inversions.items)} inversions but {len(refined)} embeddings: connect the embeddings "
@@ -272,7 +274,8 @@ def edit_batch(model: ZeroShotModel, inversions: InversionBatch, refined: list, 
                              f"{inv.steps}: refine them from this inversion")
         res = edit(model, inv, emb, settings, pidinet, work, callback)
         results.append(res)
-        outs.append(full_size(res.edited, inversions.composite[b:b + 1], inversions.mask[b:b + 1], feather, detail))
+        outs.append(full_size(res.edited, inversions.composite[b:b + 1], inversions.mask[b:b + 1], feather, detail,
+                              cancel))
     return torch.cat(outs), results
 
 

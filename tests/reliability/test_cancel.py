@@ -294,3 +294,14 @@ def test_inside_removes_hooks_when_cancel_raises():
     assert not net._forward_pre_hooks
     with cancelling.inside(net, None):
         net(torch.zeros(1, 2))
+
+
+def test_zero_shot_full_size_paste_checks_cancel():
+    from comfyui_harmonize.pipelines.zero_shot.passes import full_size
+
+    image, mask = make_composite(64, 64)
+    full = Counter()
+    full_size(image * 0.5, image, mask, 0, "transfer", cancel=full)
+    assert full.calls >= len(transfer.DEFAULT_BLUR_SIGMAS) + 2  # the transfer's fit and strips, the paste
+    with pytest.raises(Interrupted):
+        full_size(image * 0.5, image, mask, 0, "transfer", cancel=Counter(fire_at=full.calls // 2))
