@@ -23,7 +23,8 @@ function reportWidget(node) {
             getValue: () => box.value,
             setValue: (v) => { box.value = v ?? ""; },
             serialize: false,
-            getMinHeight: () => 80,
+            // as tall as the text (a file name: one line; a work report or a log: up to 12 lines, then scroll)
+            getMinHeight: () => 12 + 14 * Math.min(12, Math.max(1, box.value.split("\n").length)),
         });
         widget.element = box;
     } else {  // a front end without DOM widgets: a plain read-only text widget
@@ -38,9 +39,8 @@ function showReport(node, lines) {
     const widget = reportWidget(node);
     if (widget.element) widget.element.value = text;
     widget.value = text;
-    const rows = Math.min(14, Math.max(3, text.split("\n").length + 1));
     const wanted = node.computeSize ? node.computeSize() : node.size;
-    node.setSize([Math.max(node.size[0], wanted[0]), Math.max(node.size[1], wanted[1], 60 + rows * 14)]);
+    node.setSize([Math.max(node.size[0], wanted[0]), Math.max(node.size[1], wanted[1])]);
     node.graph?.setDirtyCanvas?.(true, true);
     app.graph?.setDirtyCanvas?.(true, true);
 }
