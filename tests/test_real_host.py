@@ -830,7 +830,7 @@ def test_workflow_runs_in_the_real_host(host, page, ollama, path):
         screenshot(page, f"{path.stem}-result", publish=False)
         shown = check_reports_on_nodes(page, entry, workflow, path.stem)
         if shown:
-            SUMMARY["workflows"].append(f"  text shown on nodes after the run: {', '.join(shown)}")
+            produced.append(f"text shown on {', '.join(shown)}")
     SUMMARY["workflows"].append(f"{path.name}: converted by the {via}, ran in {seconds:.1f} s, "
                                 f"images {', '.join(produced)}")
     host.prompts[path.stem] = (prompt, workflow)
