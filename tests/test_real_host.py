@@ -779,9 +779,11 @@ def adjusted(prompt: dict, ollama_url: str, object_info: dict) -> tuple[dict, li
         if AS_SHIPPED or not cls.startswith("Harmonize"):
             continue
         value = inputs.get("resolution")
-        if isinstance(value, int) and value > HOST_RESOLUTION:
-            inputs["resolution"] = HOST_RESOLUTION
-            changed.append(f"{cls}#{key} resolution {value}->{HOST_RESOLUTION}")
+        spec = object_info[cls]["input"]["required"].get("resolution")
+        cap = max(HOST_RESOLUTION, spec[1].get("min", 0) if spec and len(spec) > 1 else 0)  # never below the min
+        if isinstance(value, int) and value > cap:
+            inputs["resolution"] = cap
+            changed.append(f"{cls}#{key} resolution {value}->{cap}")
         spec = object_info[cls]["input"]["required"].get("preset")
         if inputs.get("preset") == "paper" and spec and "fast" in spec[0]:
             inputs["preset"] = "fast"
