@@ -93,17 +93,22 @@ def load_state_dict(path: str | os.PathLike, map_location: str = "cpu") -> dict[
     return obj
 
 
+LISTED = 12  # keys named per kind of mismatch in a strict-load error
+
+
 def check_keys(own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str, target: str,
                unexpected_ok: bool = False) -> None:
     """The strict-load diagnosis of the pack: raise a WeightsError saying how the weights in ``source`` differ
     from ``target``'s state dict ``own`` (shape mismatches, missing keys and, unless ``unexpected_ok``,
-    unexpected keys: how many of each and the first one)."""
-    wrong = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+    unexpected keys: how many of each and the first :data:`LISTED` of them)."""
+    wrong = [f"{k} (file {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)})"
              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
     missing = [k for k in own if k not in state_dict]
     unexpected = [] if unexpected_ok else [k for k in state_dict if k not in own]
-    parts = [f"{len(keys)} {what} (first: {keys[0]})" for keys, what in
-             ((wrong, "shape mismatches"), (missing, "missing keys"), (unexpected, "unexpected keys")) if keys]
+    parts = [f"{len(keys)} {what}: " + ", ".join(keys[:LISTED]) + (f", ... ({len(keys) - LISTED} more)"
+                                                                      if len(keys) > LISTED else "")
+             for keys, what in ((wrong, "shape mismatches"), (missing, "missing keys"),
+                                (unexpected, "unexpected keys")) if keys]
     if parts:
         raise WeightsError(f"weights in {source} do not fit {target}: " + "; ".join(parts))
 

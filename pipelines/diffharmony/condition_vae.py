@@ -35,7 +35,7 @@ from torch import nn
 
 from ..core import images, model_files
 from ..core.errors import InputError, WeightsError
-from ..core.weights import empty_weights, load_state_dict, own_memory
+from ..core.weights import check_keys, empty_weights, load_state_dict, own_memory
 
 FOLDER = "condition_vae"
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin")
@@ -263,25 +263,6 @@ def find_condition_vaes(roots) -> dict[str, Path]:
     return model_files.find(roots, model_dir=is_condition_vae_folder)
 
 
-def _describe_mismatch(model: nn.Module, state: dict, source: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})" for k in own
-             if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if not (missing or unexpected or wrong):
-        return
-
-    def listing(what, keys):
-        shown = ", ".join(keys[:12]) + (f", ... ({len(keys) - 12} more)" if len(keys) > 12 else "")
-        return f"{len(keys)} {what}: {shown}"
-
-    parts = [listing(w, k) for w, k in (("missing keys", missing), ("unexpected keys", unexpected),
-                                         ("shape mismatches", wrong)) if k]
-    raise WeightsError(f"{source} is not a condition VAE of the config beside it (the authors' ConditionVAE "
-                       f"layout was expected): " + "; ".join(parts))
-
-
 def load_condition_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> ConditionVAE:
     """Load ``condition_vae/`` (or find it in the archive at ``path``) with strict key checking."""
     folder = condition_vae_folder(path)
@@ -297,7 +278,8 @@ def load_condition_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float
     with empty_weights():
         model = ConditionVAE(**config)
     state = load_state_dict(weights)
-    _describe_mismatch(model, state, str(weights))
+    check_keys(model.state_dict(), state, str(weights), "a condition VAE of the config beside it (the authors' "
+               "ConditionVAE layout was expected)")
     model.load_state_dict(state, strict=True, assign=True)
     return own_memory(model.to(dtype)).eval().requires_grad_(False)
 

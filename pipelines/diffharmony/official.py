@@ -24,10 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..core import images
 from ..core.errors import InputError
+from . import condition_vae as cv
 from . import pipeline as dh
+from .refiner import refiner_input as stack
 
 
 @dataclass
@@ -42,8 +45,6 @@ class OfficialInputs:
 
 
 def _pil_resized(img, res: int):
-    from PIL import Image
-
     if img.size == (res, res):  # the loader leaves an image of the right size alone
         return img
     return img.resize((res, res), Image.BILINEAR)  # torchvision's TF.resize on a PIL image; "1" -> nearest
@@ -76,8 +77,6 @@ def prepare(composite, mask, resolution: int, output_resolution: int = 256) -> O
 
 def prepare_files(composite_path, mask_path, resolution: int, output_resolution: int = 256) -> OfficialInputs:
     """``prepare`` on the files as the loader opens them."""
-    from PIL import Image
-
     with Image.open(composite_path) as comp, Image.open(mask_path) as mask:
         return prepare(comp, mask, resolution, output_resolution)
 
@@ -86,8 +85,6 @@ def prepare_tensors(composite: torch.Tensor, mask: torch.Tensor, resolution: int
                     output_resolution: int = 256) -> OfficialInputs:
     """``prepare`` from a ComfyUI IMAGE and MASK (batch of one): both brought to the 8-bit images a file
     would hold (rounded), the mask as a greyscale image that the loader's ``convert("1")`` then dithers."""
-    from PIL import Image
-
     composite, mask = images.image_and_mask(composite, mask)
     if composite.shape[0] != 1:
         raise InputError(f"official preprocessing takes one composite at a time, got a batch of {composite.shape[0]}")
@@ -104,8 +101,6 @@ def latent_mask(mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
 
 def refiner_input(image01: torch.Tensor, inputs: OfficialInputs, in_channels: int) -> torch.Tensor:
     """The refinement input the authors' script builds from the pipeline's ``[B,3,R,R]`` image in [0, 1]."""
-    from .refiner import refiner_input as stack
-
     x = 2 * image01 - 1
     size = tuple(inputs.composite_out.shape[-2:])
     if tuple(x.shape[-2:]) != size:
@@ -120,8 +115,6 @@ def harmonize(sd, inputs: OfficialInputs, seed: int = 0, steps: int = dh.DEFAULT
     """DiffHarmony on the loader's tensors, as the authors' inference script runs it. Returns the result as
     they save it before quantisation: an IMAGE ``[1, out, out, 3]`` (refined) or ``[1, R, R, 3]`` (without a
     refiner), with no background pasted back. Random draws come from the seed's streams."""
-    from . import condition_vae as cv
-
     vae = condition_vae if condition_vae is not None else sd.vae
     latents = dh.encode_signed(vae, inputs.composite, seed, cancel=cancel)
     m = latent_mask(inputs.mask, sd.vae_scale_factor)
