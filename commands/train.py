@@ -3,6 +3,7 @@
     harmonize-train-diffharmony --data /data/iHarmony4 --pretrained models/diffusers/sd-inpainting --out runs/dh
     harmonize-train-refiner     --data /data/iHarmony4 --diffharmony models/diffharmony/DiffHarmony --out runs/refiner
     harmonize-train-evaluator   --data /data/iHarmony4 --out runs/evaluator
+    harmonize-train-condition-vae --data /data/iHarmony4 --vae models/diffharmony/DiffHarmony --out runs/cvae
     accelerate launch --multi_gpu --num_processes 8 -m comfyui_harmonize.commands.train diffharmony --data ... --out ...
 
 Exit status: 0 trained (the process that reports says where the model went), 2 bad input or weights (a
@@ -16,6 +17,7 @@ import sys
 from ..pipelines.core.errors import InputError, WeightsError
 from ..pipelines.evaluation.evaluator import INPUT_SIZE
 from ..pipelines.training import common as training
+from ..pipelines.training import condition_vae as tcv
 from ..pipelines.training import diffharmony as tdh
 from ..pipelines.training import evaluator as tev
 from ..pipelines.training import refiner as trf
@@ -109,6 +111,28 @@ def evaluator_parser() -> argparse.ArgumentParser:
     return p
 
 
+def condition_vae_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harmonize-train-condition-vae",
+                                description="Train DiffHarmony's condition VAE (the archive's condition_vae/) with "
+                                            "the authors' objective.")
+    p.add_argument("--data", required=True, help="iHarmony4 root")
+    p.add_argument("--vae", default=None, help="VAE to start a new condition VAE from: the DiffHarmony archive "
+                                               "(its base/vae), a pipeline folder or a diffusers VAE folder")
+    p.add_argument("--init", default=None, help="continue from an existing condition_vae/ folder")
+    p.add_argument("--mode", choices=tcv.MODES, default="normal",
+                   help="normal: reconstruct the real image given [composite, mask] (condition_vae/); inverse: "
+                        "reconstruct the composite given [real, mask] (the authors' cvae-gen)")
+    p.add_argument("--freeze-decoder", action="store_true", help="train only the conditional encoder and the "
+                                                                 "latent skip")
+    p.add_argument("--resolution", type=int, default=256, help="training crop size (the authors' script: 256)")
+    p.add_argument("--subsets", default=None, help="comma-separated subsets (default: all four)")
+    p.add_argument("--no-crop", action="store_true", help="no random resized crop (plain resize)")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
+    p.add_argument("--max-side", type=int, default=None, help="pre-resize images so the long side is at most this")
+    add_common_args(p, lr=1e-4, batch_size=16, max_steps=100_000, ema_decay=0.9999)
+    return p
+
+
 def run(name: str, args: argparse.Namespace, build, done: str, prepare=None) -> int:
     """Train; print where the model went (main process) or the error; return the exit status."""
     try:
@@ -136,7 +160,13 @@ def main_evaluator(argv=None) -> int:
                "harmony evaluator written to {final}/" + tev.FILE_NAME + " (copy it to models/harmony_evaluator/)")
 
 
-COMMANDS = {"diffharmony": main_diffharmony, "refiner": main_refiner, "evaluator": main_evaluator}
+def main_condition_vae(argv=None) -> int:
+    return run("condition-vae", condition_vae_parser().parse_args(argv), tcv.build,
+               "condition VAE written to {final} (copy it to models/diffharmony/<archive>/condition_vae)")
+
+
+COMMANDS = {"diffharmony": main_diffharmony, "refiner": main_refiner, "evaluator": main_evaluator,
+            "condition-vae": main_condition_vae}
 
 
 def main(argv=None) -> int:

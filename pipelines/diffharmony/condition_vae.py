@@ -238,8 +238,7 @@ def candidate_folders(path: Path) -> list[Path]:
     path = Path(path)
     if path.is_file():  # a single-file checkpoint: a condition_vae/ beside it
         return [path.parent / FOLDER]
-    out = [path] if path.name == FOLDER else []
-    out.append(path / FOLDER)
+    out = [path, path / FOLDER]
     if path.name == "base":
         out.append(path.parent / FOLDER)
     return out
