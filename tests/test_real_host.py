@@ -434,7 +434,10 @@ def start_server(root: Path, python: str, log_name: str, output: Path, extra_arg
     output.mkdir(parents=True, exist_ok=True)
     cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
            "--output-directory", str(output), "--input-directory", str(root / "input"),
-           "--user-directory", str(root / "user"), "--database-url", f"sqlite:///{root / (log_name + '.db')}",
+           "--user-directory", str(root / "user"),
+           # its own temp folder: ComfyUI empties <temp>/temp when it starts, so hosts started by other runs
+           # on the same checkout would delete this one's preview images before /view reads them back
+           "--temp-directory", str(root), "--database-url", f"sqlite:///{root / (log_name + '.db')}",
            "--extra-model-paths-config", str(root / "extra_model_paths.yaml"), *extra_args]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HARMONIZE_MODELS_DIR")}
     env["PYTHONUNBUFFERED"] = "1"
