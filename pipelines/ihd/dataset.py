@@ -187,6 +187,9 @@ def load_sample(sample: Sample, max_side: int | None = None) -> dict:
     ``max_side`` pre-resizes (antialiased bilinear; mask nearest after binarising) so the long side is at
     most that many pixels, as many methods do with the large HAdobe5k images.
     """
+    if max_side is not None and max_side < 8:  # 0 was silently taken as "no resize"
+        raise InputError(f"max_side {max_side}: expected a long side of at least 8 pixels, or None for the "
+                         f"images' own size")
     comp = image_io.read_image(sample.composite).permute(2, 0, 1)
     real = image_io.read_image(sample.real).permute(2, 0, 1)
     mask = image_io.read_mask(sample.mask)[None]

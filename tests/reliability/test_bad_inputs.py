@@ -42,6 +42,7 @@ from comfyui_harmonize.pipelines.diffharmony import refiner as rf
 from comfyui_harmonize.pipelines.evaluation import metrics
 from comfyui_harmonize.commands import benchmark as bench_cli
 from comfyui_harmonize.pipelines.ihd import benchmark as bm
+from comfyui_harmonize.pipelines.ihd import dataset as ihd
 from conftest import make_composite
 
 
@@ -512,6 +513,9 @@ ROWS: dict[str, Row] = {
     "CLI: folder re-run skips finished images": Row(_folder_rerun, check=_check_rerun),
     # ---- benchmark
     "benchmark --max-side 0": Row(lambda sb: bench_cli.parse_args(_benchmark(sb, "--max-side", "0")[1]), SystemExit),
+    "dataset max_side 0 (training, benchmark)": Row(
+        lambda sb: ihd.load_sample(ihd.list_split(_benchmark(sb)[0], "test", "HFlickr", limit=1)[0], 0),
+        InputError, "max_side 0"),
     "benchmark: failed save leaves no row": Row(_benchmark_failed_save, check=_check_failed_save),
     "benchmark: resume recomputes a missing image": Row(
         _benchmark_resume_missing_image, check=lambda r, sb: (r[1] == [r[0]] and r[2])),
