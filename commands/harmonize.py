@@ -164,7 +164,7 @@ def check_output(args, folder_mode: bool) -> None:
         raise InputError(f"--output {out}: the folder {existing} is not writable")
 
 
-def check_numbers(args, device: torch.device) -> None:
+def check_numbers(args) -> None:
     if not 0 <= args.seed <= MAX_SEED:
         raise InputError(f"--seed {args.seed} is out of range; expected 0..{MAX_SEED} (2**64 - 1)")
     if not 1 <= args.steps <= MAX_STEPS:
@@ -238,7 +238,7 @@ def validate(args):
     Returns the jobs to run (folder mode: without those whose output exists, unless --no-skip-existing)."""
     check_model_paths(args)
     device = check_device(args.device)
-    check_numbers(args, device)
+    check_numbers(args)
     folder_mode = Path(args.composite).is_dir()
     check_output(args, folder_mode)
     work = jobs(args)
