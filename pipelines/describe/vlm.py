@@ -240,24 +240,11 @@ def _check_url(url: str) -> str:
         parsed.port
     except ValueError:
         raise InputError(redact(f"server URL {url!r} has an invalid port; expected http://host:port")) from None
+    if parsed.username is not None or parsed.password is not None or _SECRET_PARAM.search(url):
+        raise InputError(f"server URL {redact(url)!r} carries a credential (user:password@ or a key/token "
+                         f"parameter). A workflow saves its widgets, so credentials never go in a node: expected "
+                         f"http://host:port (Gemini's key comes from the environment)")
     return url.rstrip("/")
-
-
-def _split_credentials(url: str) -> tuple[str, dict]:
-    """``url`` without its ``user:password@`` part, and the HTTP Basic ``Authorization`` header for it (a
-    server behind an authenticating proxy); no credentials: ``url`` and no header."""
-    parsed = urllib.parse.urlparse(url)
-    if parsed.username is None and parsed.password is None:
-        return url, {}
-    user = urllib.parse.unquote(parsed.username or "")
-    password = urllib.parse.unquote(parsed.password or "")
-    netloc = parsed.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if parsed.port is not None:
-        netloc += f":{parsed.port}"
-    token = base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
-    return urllib.parse.urlunparse(parsed._replace(netloc=netloc)), {"Authorization": f"Basic {token}"}
 
 
 def _recording_opener(url: str, connections: list):
@@ -327,7 +314,7 @@ class OllamaBackend(Backend):
 
     def __post_init__(self):
         self.model = self.model.strip() or OLLAMA_MODEL
-        self.url, self._headers = _split_credentials(_check_url(self.url.strip() or OLLAMA_URL))
+        self.url = _check_url(self.url.strip() or OLLAMA_URL)
 
     @property
     def label(self) -> str:
@@ -347,7 +334,7 @@ class OllamaBackend(Backend):
         parsed = urllib.parse.urlparse(self.url)  # keep a query string (a proxy's parameters) after the path
         endpoint = urllib.parse.urlunparse(parsed._replace(path=parsed.path.rstrip("/") + "/api/chat"))
         req = urllib.request.Request(endpoint, data=body, method="POST",
-                                     headers={"Content-Type": "application/json", **self._headers})
+                                     headers={"Content-Type": "application/json"})
         connections: list = []
         opener = _recording_opener(self.url, connections)
 

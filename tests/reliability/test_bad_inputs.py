@@ -343,6 +343,13 @@ def _ollama_unreachable(sb, url):
     return str(err.value), backend.label
 
 
+def _refused_url(sb, url, backend="ollama"):
+    with pytest.raises(InputError) as err:
+        vlm.make_backend(backend, url=url)
+    assert "carries a credential" in str(err.value)
+    return str(err.value)
+
+
 def _ollama_hangs(sb):
     url, close = hanging_server()
     try:
@@ -520,10 +527,14 @@ ROWS: dict[str, Row] = {
     "benchmark: resume recomputes a missing image": Row(
         _benchmark_resume_missing_image, check=lambda r, sb: (r[1] == [r[0]] and r[2])),
     # ---- VLM requests and secrets
-    "Ollama URL with user:password": Row(lambda sb: _ollama_unreachable(sb, "http://user:s3cretpw@127.0.0.1:{port}"),
-                                         check=_no_secret("s3cretpw", "user:", marked=False)),
-    "Ollama URL with ?api_key=": Row(lambda sb: _ollama_unreachable(sb, "http://127.0.0.1:{port}/?api_key=k3yvalue"),
+    "Ollama URL with user:password": Row(lambda sb: _refused_url(sb, "http://user:s3cretpw@127.0.0.1:11434"),
+                                         check=_no_secret("s3cretpw")),
+    "Ollama URL with ?api_key=": Row(lambda sb: _refused_url(sb, "http://127.0.0.1:11434/?api_key=k3yvalue"),
                                      check=_no_secret("k3yvalue")),
+    "Gemini endpoint with ?key=": Row(lambda sb: _refused_url(sb, "https://proxy.example/v1?key=k3yvalue", "gemini"),
+                                      check=_no_secret("k3yvalue")),
+    "Ollama unreachable": Row(lambda sb: _ollama_unreachable(sb, "http://127.0.0.1:{port}"),
+                              check=lambda r, sb: "cannot reach Ollama at http://127.0.0.1:" in r[0]),
     "provider error body with the key": Row(_provider_error_body,
                                             check=_no_secret("AIzaSyTESTKEY123456", "other-secret-value", "abc123")),
     "VLM URL without http": Row(lambda sb: vlm.make_backend("ollama", url="ftp://host"), InputError, "http://host:port"),
