@@ -852,8 +852,11 @@ def test_workflow_runs_on_the_files_users_have(host, path, variant):
     swapped = []
     for key, node in prompt.items():
         value = VARIANTS[variant].get(node["class_type"])
-        if value is not None:
-            node["inputs"]["model"] = value
+        if value is not None:  # the loader's own name for that file (its list decides the folder prefix)
+            listed = host.object_info[node["class_type"]]["input"]["required"]["model"][0]
+            names = [c for c in listed if c == value or c == value.split("/", 1)[1]]
+            assert names, f"{value} is not in the {node['class_type']} list {listed}"
+            node["inputs"]["model"] = names[0]
             swapped.append(f"{node['class_type']}#{key}")
     assert swapped, f"{path.stem} has no SD model loader"
     t0 = time.monotonic()
