@@ -483,20 +483,37 @@ def browser_page(url: str, shots: Path, key: str = "browser"):
                                 "not by the front end")
         yield None
         return
+    if _BROWSER:  # playwright's sync API runs once per thread: a second page comes from the same browser
+        pg = _BROWSER[0].new_page(viewport={"width": 1600, "height": 900})
+        try:
+            yield _prepare_page(pg, url, shots, key, exe, _BROWSER[0])
+        finally:
+            pg.close()
+        return
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1600, "height": 900})
-        pg.errors = []
-        pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
-        pg.goto(url + "/")
-        pg.wait_for_function("window.app && window.app.graph && window.app.canvas", timeout=180_000)
-        pg.shots = shots
-        pg.frontend = pg.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ ?? null")
-        SUMMARY[key] = f"{Path(exe).name} {browser.version}, front end {pg.frontend}"
+        _BROWSER.append(browser)
         try:
-            yield pg
+            yield _prepare_page(browser.new_page(viewport={"width": 1600, "height": 900}), url, shots, key, exe,
+                                browser)
         finally:
+            _BROWSER.clear()
             browser.close()
+
+
+_BROWSER: list = []  # the browser of the open playwright session, if any
+
+
+def _prepare_page(pg, url: str, shots: Path, key: str, exe: str, browser):
+    """Open the front end at ``url`` on ``pg`` and wait until its graph is ready."""
+    pg.errors = []
+    pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
+    pg.goto(url + "/")
+    pg.wait_for_function("window.app && window.app.graph && window.app.canvas", timeout=180_000)
+    pg.shots = shots
+    pg.frontend = pg.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ ?? null")
+    SUMMARY[key] = f"{Path(exe).name} {browser.version}, front end {pg.frontend}"
+    return pg
 
 
 @pytest.fixture(scope="module")
