@@ -978,7 +978,8 @@ def test_missing_models_are_listed_in_the_front_end_dialog(host, page):
             f = host.root / "models" / folder / name
             f.rename(f.with_name(name + ".hidden"))
             hidden.append(f)
-        fresh = page.context.new_page()  # the front end's model lists are loaded once per page
+        # a new page: the front end loads its model lists once per page
+        fresh = page.context.browser.new_page(viewport={"width": 1600, "height": 900})
         try:
             fresh.goto(host.url + "/")
             fresh.wait_for_function("window.app && window.app.graph && window.app.canvas", timeout=180_000)
