@@ -575,11 +575,11 @@ def load_in_front_end(page, workflow: dict, name: str, publish: bool = True) -> 
     assert not missing, f"{name}: the front end does not know node types {missing}"
     assert len(nodes) == len(workflow["nodes"]), f"{name}: {len(workflow['nodes'])} nodes in the file, " \
                                                  f"{len(nodes)} in the front end"
-    shown = {n["id"]: n["widgets"] for n in nodes}
-    for node in workflow["nodes"]:  # the front end reads the widgets as saved (it would write the same back)
+    shown = {str(n["id"]): n["widgets"] for n in nodes}  # newer front ends give node ids as strings
+    for node in workflow["nodes"]:  # the front end reads the widgets as saved (1.5x omits an empty list)
         if node.get("widgets_values") is not None:
-            assert shown[node["id"]] == node["widgets_values"], \
-                f"{name}: node {node['id']} ({node['type']}) widgets read as {shown[node['id']]}, " \
+            assert (shown[str(node["id"])] or []) == node["widgets_values"], \
+                f"{name}: node {node['id']} ({node['type']}) widgets read as {shown[str(node['id'])]}, " \
                 f"saved as {node['widgets_values']}"
     overlaps = []  # the sizes the front end gives the nodes (at least what their widgets need)
     for i, a in enumerate(nodes):
