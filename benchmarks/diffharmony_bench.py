@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "fixtures"))  # tiny_models, synthetic: shared with the tests
 
 from comfyui_harmonize.nodes import color as C  # noqa: E402
 from comfyui_harmonize.nodes import diffharmony as N  # noqa: E402
@@ -111,7 +111,7 @@ def main(argv=None):
             mod.to(device)
     else:
         sd = small_model(device, dtype)
-    from conftest import make_composite
+    from synthetic import make_composite
 
     image, mask = make_composite(*args.image_size, seed=0)
     node_chain(sd, image, mask, 0, args.steps, res)  # warm-up (and the cached empty-prompt embedding)

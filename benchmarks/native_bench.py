@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     if not a.comfyui:
         print("COMFYUI_PATH (or --comfyui) is required: the native path runs ComfyUI's own code", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "fixtures"))  # tiny_models, synthetic: shared with the tests
     import native_host_check
 
     native_host_check.setup_comfy(a.comfyui)

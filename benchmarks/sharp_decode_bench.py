@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "fixtures"))  # tiny_models, synthetic: shared with the tests
 
 from comfyui_harmonize.pipelines.color.restore import restore  # noqa: E402
 from comfyui_harmonize.pipelines.diffharmony import condition_vae as cv  # noqa: E402
@@ -65,7 +65,7 @@ def main(argv=None):
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     res = args.resolution or (1024 if device.type == "cuda" else 512)
     vae, cvae = models(device, dtype, args.width)
-    from conftest import make_composite
+    from synthetic import make_composite
 
     composite, mask = make_composite(*args.image_size, seed=0)
     size = images.fit_size(*args.image_size, res, multiple=8)

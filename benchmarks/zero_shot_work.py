@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "fixtures"))  # tiny_models, synthetic: shared with the tests
 
 from comfyui_harmonize.pipelines.sd import loading, models as sd_models  # noqa: E402
 from comfyui_harmonize.pipelines.zero_shot import passes as zs  # noqa: E402
@@ -90,7 +90,7 @@ def tiny_pidinet():
 
 
 def count_pass(model: ZeroShotModel, s: zs.ZeroShotSettings, pidinet) -> WorkCounter:
-    from conftest import make_composite
+    from synthetic import make_composite
 
     image, mask = make_composite(96, 128, seed=0)
     image_w, mask_w = zs.working_inputs(model, image, mask, 32)
@@ -166,7 +166,7 @@ def load_composite(image_path, mask_path):
     if image_path is None and (SHARED / "composites" / "house_composite.png").is_file():
         image_path, mask_path = SHARED / "composites" / "house_composite.png", SHARED / "composites" / "house_mask.png"
     if image_path is None:
-        from conftest import make_composite
+        from synthetic import make_composite
 
         return make_composite(859, 1280, seed=0)
     img = torch.from_numpy(np.asarray(Image.open(image_path).convert("RGB"), dtype=np.float32) / 255)[None]

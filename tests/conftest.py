@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, workflow_runner
+sys.path.insert(0, str(Path(__file__).parent))  # workflow_runner and the other test helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))  # tiny_models, synthetic (shared with benchmarks/)
 
 import tiny_models  # noqa: E402
+from synthetic import make_composite  # noqa: E402,F401  (tests import it from here)
 from tiny_models import write_refiner  # noqa: E402
 
 # The suite runs thousands of tiny tensor operations: one thread avoids OpenMP hand-offs that cost more than
@@ -38,17 +40,6 @@ def models_env(models_root, monkeypatch):
     """Point the pack's model folders (outside ComfyUI) at the tiny models."""
     monkeypatch.setenv("HARMONIZE_MODELS_DIR", str(models_root))
     return models_root
-
-
-def make_composite(h: int, w: int, batch: int = 1, seed: int = 0):
-    """A smooth random composite and an elliptical foreground mask."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.rand(batch, 3, max(h // 16, 2), max(w // 16, 2), generator=g)
-    image = torch.nn.functional.interpolate(base, size=(h, w), mode="bilinear", align_corners=False)
-    image = image.permute(0, 2, 3, 1).contiguous()
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-    mask = ((yy / 0.5) ** 2 + (xx / 0.4) ** 2 <= 1).float()[None].expand(batch, h, w).contiguous()
-    return image, mask
 
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"

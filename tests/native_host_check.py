@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 def setup_comfy(path: str) -> None:
     sys.path.insert(0, path)
     sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent / "fixtures"))  # tiny_models
     import comfy.options
 
     comfy.options.enable_args_parsing(False)

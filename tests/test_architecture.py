@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "comfyui_harmonize"
-SKIP_DIRS = {"tests", "benchmarks", "scripts", "docs", "workflows", ".git", "__pycache__"}
+SKIP_DIRS = {"tests", "fixtures", "benchmarks", "scripts", "docs", "workflows", ".git", "__pycache__"}
 
 LAYERS = [
     ("pipelines.core",),

@@ -32,6 +32,7 @@ def host_python() -> str:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     sys.path.insert(0, str(TESTS))
+    sys.path.insert(0, str(TESTS.parent / "fixtures"))  # tiny_models
     import native_host_check
 
     return native_host_check.run_in_host(host_python(), COMFYUI_PATH, tmp_path_factory.mktemp("native") / "out.json")
