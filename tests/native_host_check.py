@@ -279,9 +279,16 @@ def run_in_host(python: str, comfyui: str, out: Path, timeout: float = 1200) -> 
     """Run this script in the host's Python (from the test process); its JSON result."""
     import subprocess
 
+    # the host's Python has the pack only as a custom node: make this checkout importable as comfyui_harmonize
+    # (the package name pip maps onto the repository root) through a link in a folder next to the output
+    link_dir = Path(out).resolve().parent / "pack-import"
+    link_dir.mkdir(parents=True, exist_ok=True)
+    link = link_dir / "comfyui_harmonize"
+    if not link.exists():
+        link.symlink_to(HERE.parent, target_is_directory=True)
+    path = os.pathsep.join(p for p in (str(link_dir), os.environ.get("PYTHONPATH", "")) if p)
     res = subprocess.run([python, str(Path(__file__).resolve()), "--comfyui", comfyui, "--json", str(out)],
-                         capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+                         capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": path})
     if res.returncode != 0 or not Path(out).is_file():
         raise AssertionError(f"native_host_check failed ({res.returncode}):\n{res.stderr[-4000:]}")
     return json.loads(Path(out).read_text())
