@@ -5,6 +5,7 @@
 // nodes, so this extension puts it in a read-only text box at the bottom of the node that sent it. The box is
 // not saved with the workflow and is not an input: widgets_values and the queued prompt stay as they were.
 import { app } from "../../../scripts/app.js";  // served at /extensions/<pack>/js/harmonize.js
+import { api } from "../../../scripts/api.js";
 
 const WIDGET_NAME = "harmonize_report";
 
@@ -44,6 +45,28 @@ function showReport(node, lines) {
     node.graph?.setDirtyCanvas?.(true, true);
     app.graph?.setDirtyCanvas?.(true, true);
 }
+
+// A node ComfyUI takes from its cache (an earlier run had the same inputs) does not run, so a freshly loaded
+// graph's node gets no text through onExecuted; once the prompt has finished, its text is read from the
+// prompt's history and drawn on every Harmonize node that does not show it yet.
+async function fillFromHistory(promptId) {
+    if (!promptId) return;
+    try {
+        const response = await api.fetchApi(`/history/${encodeURIComponent(promptId)}`);
+        if (!response.ok) return;
+        const outputs = (await response.json())?.[promptId]?.outputs ?? {};
+        for (const [id, output] of Object.entries(outputs)) {
+            const node = app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
+            if (!node || !node.type?.startsWith("Harmonize") || !Array.isArray(output?.text)) continue;
+            const shown = node.widgets?.find((w) => w.name === WIDGET_NAME);
+            if (!shown || !shown.value) showReport(node, output.text);
+        }
+    } catch (error) {
+        console.warn("ComfyUI-Harmonize: could not read the run's history for the node reports", error);
+    }
+}
+
+api.addEventListener("execution_success", ({ detail }) => fillFromHistory(detail?.prompt_id));
 
 app.registerExtension({
     name: "ComfyUI-Harmonize.ReportText",
