@@ -25,6 +25,7 @@ SD2_BASE_FILE = "512-base-ema.safetensors"
 PAPER = zs.PRESETS["paper"]
 
 MODEL_IN = (T2I_MODEL, {"tooltip": "Text-to-image Stable Diffusion model from 'Harmonize: Load Text-to-Image Model'."})
+INVERSION_IN = (INVERSION, {"tooltip": "From 'Harmonize: Zero-shot DDIM Inversion'."})
 SETTINGS_IN = (ZS_SETTINGS, {"tooltip": "Optional: every setting, from 'Harmonize: Zero-shot Settings'. "
                                         "Replaces the preset (this node's own widgets still apply)."})
 PIDINET_IN = (PIDINET, {"tooltip": "Optional PiDiNet ('Harmonize: Load PiDiNet') for the learned edge term of the "
@@ -203,7 +204,7 @@ class HarmonizeZeroShotRefine:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_IN,
-            "inversion": (INVERSION, {"tooltip": "From 'Harmonize: Zero-shot DDIM Inversion'."}),
+            "inversion": INVERSION_IN,
             "descriptions": (DESCRIPTIONS, {"tooltip": "From 'Harmonize: Description' or 'Harmonize: "
                                                                  "Describe with a VLM'."}),
             "candidate": ("INT", {"default": 0, "min": 0, "max": 15, "tooltip": "Which description (0 = the "
@@ -244,7 +245,7 @@ class HarmonizeZeroShotEdit:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_IN,
-            "inversion": (INVERSION, {"tooltip": "From 'Harmonize: Zero-shot DDIM Inversion'."}),
+            "inversion": INVERSION_IN,
             "embeddings": (ZS_EMBEDDINGS, {"tooltip": "From 'Harmonize: Zero-shot Refine Embeddings' (made from "
                                                         "the same inversion)."}),
             "preset": PRESET,

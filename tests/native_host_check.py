@@ -40,6 +40,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def host_python(comfyui: str) -> str:
+    """The interpreter that runs ComfyUI: COMFYUI_PYTHON, else a venv inside or next to the checkout."""
+    if os.environ.get("COMFYUI_PYTHON"):
+        return os.environ["COMFYUI_PYTHON"]
+    root = Path(comfyui).resolve()
+    for venv in (root / "venv", root / ".venv", root.parent / "comfy-venv"):
+        if (venv / "bin" / "python").is_file():
+            return str(venv / "bin" / "python")
+    return sys.executable
+
+
 def setup_comfy(path: str) -> None:
     sys.path.insert(0, path)
     sys.path.insert(0, str(HERE))

@@ -120,14 +120,10 @@ pytestmark = pytest.mark.timeout(int(START_S + 2 * RUN_S))  # the host start cou
 
 # ------------------------------------------------------------------------------------------ the host
 def host_python() -> str:
-    """The interpreter that runs ComfyUI: COMFYUI_PYTHON, else a venv inside or next to the checkout."""
-    if os.environ.get("COMFYUI_PYTHON"):
-        return os.environ["COMFYUI_PYTHON"]
-    root = Path(COMFYUI_PATH).resolve()
-    for venv in (root / "venv", root / ".venv", root.parent / "comfy-venv"):
-        if (venv / "bin" / "python").is_file():
-            return str(venv / "bin" / "python")
-    return sys.executable
+    """The interpreter that runs ComfyUI (see native_host_check.host_python)."""
+    import native_host_check
+
+    return native_host_check.host_python(COMFYUI_PATH)
 
 
 def free_port() -> int:
@@ -1008,6 +1004,18 @@ def test_missing_models_are_listed_in_the_front_end_dialog(host, page):
                                  f"{'offered' if pth else 'not offered (this front end allows no .pth downloads)'}")
 
 
+def prompt_messages(ws, pid: str):
+    """(type, data) of the websocket's JSON messages that concern prompt ``pid`` (binary previews skipped)."""
+    while True:
+        msg = ws.recv(timeout=RUN_S)
+        if isinstance(msg, bytes):
+            continue
+        msg = json.loads(msg)
+        data = msg.get("data", {})
+        if data.get("prompt_id") in (None, pid):
+            yield msg["type"], data
+
+
 def test_interrupt_then_next_run_succeeds(host):
     """Cancel a long run while its sampler reports progress; the server stays up and runs the next one."""
     runs = [(name, p, w) for name, (p, w) in sorted(host.prompts.items()) if _sampler_of(p)]
@@ -1029,19 +1037,14 @@ def test_interrupt_then_next_run_succeeds(host):
     t0 = time.monotonic()
     if connect is not None:
         with ws:  # interrupt once the sampler's progress bar has moved: inside our own step loop
-            while time.monotonic() - t0 < RUN_S:
-                msg = ws.recv(timeout=RUN_S)
-                if isinstance(msg, bytes):
-                    continue
-                msg = json.loads(msg)
-                data = msg.get("data", {})
-                if data.get("prompt_id") not in (None, pid):
-                    continue
-                if msg["type"] == "progress" and data.get("node") == key:
+            for kind, data in prompt_messages(ws, pid):
+                if time.monotonic() - t0 >= RUN_S:
+                    break
+                if kind == "progress" and data.get("node") == key:
                     progress.append((data["value"], data["max"]))
                     if data["value"] >= 1:
                         break
-                if msg["type"] in ("execution_success", "execution_error"):
+                if kind in ("execution_success", "execution_error"):
                     break
         assert progress and progress[-1][0] >= 1 and progress[-1][1] == 200, \
             f"no progress of the sampler's 200 steps: {progress}"
@@ -1096,18 +1099,11 @@ def _interrupt_when_running(host, prompt: dict, key: str, ready=lambda: True) ->
     with connect(f"ws://127.0.0.1:{host.port}/ws?clientId={host.client_id}", max_size=None) as ws:
         pid = host.queue(prompt)
         t0 = time.monotonic()
-        while True:
-            msg = ws.recv(timeout=RUN_S)
-            if isinstance(msg, bytes):
-                continue
-            msg = json.loads(msg)
-            data = msg.get("data", {})
-            if data.get("prompt_id") not in (None, pid):
-                continue
-            if msg["type"] == "executing" and data.get("node") == key:
+        for kind, data in prompt_messages(ws, pid):
+            if kind == "executing" and data.get("node") == key:
                 break
-            if msg["type"] in ("execution_success", "execution_error", "execution_interrupted"):
-                raise HostError(f"the run ended before node {key} started: {msg}")
+            if kind in ("execution_success", "execution_error", "execution_interrupted"):
+                raise HostError(f"the run ended before node {key} started: {kind} {data}")
     while not ready():
         if time.monotonic() - t0 > RUN_S:
             raise HostError(f"node {key} never got ready to be interrupted")

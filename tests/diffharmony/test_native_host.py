@@ -19,23 +19,13 @@ TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
 
 
-def host_python() -> str:
-    if os.environ.get("COMFYUI_PYTHON"):
-        return os.environ["COMFYUI_PYTHON"]
-    root = Path(COMFYUI_PATH).resolve()
-    for venv in (root / "venv", root / ".venv", root.parent / "comfy-venv"):
-        if (venv / "bin" / "python").is_file():
-            return str(venv / "bin" / "python")
-    return sys.executable
-
-
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     sys.path.insert(0, str(TESTS))
     sys.path.insert(0, str(TESTS.parent / "fixtures"))  # tiny_models
     import native_host_check
 
-    return native_host_check.run_in_host(host_python(), COMFYUI_PATH, tmp_path_factory.mktemp("native") / "out.json")
+    return native_host_check.run_in_host(native_host_check.host_python(COMFYUI_PATH), COMFYUI_PATH, tmp_path_factory.mktemp("native") / "out.json")
 
 
 def test_native_equals_the_pack_path(result):
