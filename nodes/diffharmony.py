@@ -9,11 +9,12 @@ from ..pipelines.sd import loading
 from ..pipelines.diffharmony import refiner as rf
 from ..pipelines.diffharmony import condition_vae as cv
 from ..pipelines.diffharmony import inverse as inv
+from ..pipelines.diffharmony import official
 from ..pipelines.core.errors import InputError
 from . import host
 from .widgets import (CONDITION_VAE, DECODER, DECODERS, DETAIL, DIFFHARMONY_GUIDANCE, DIFFHARMONY_MODEL,
-                      DIFFHARMONY_RESOLUTION, DIFFHARMONY_STEPS, DTYPE, FEATHER, FIT, FITS, REFINE_RESOLUTION,
-                      REFINER, SCHEDULER, SEED)
+                      DIFFHARMONY_RESOLUTION, DIFFHARMONY_STEPS, DTYPE, FEATHER, FIT, FITS, PREPROCESS, PREPROCESSING,
+                      REFINE_RESOLUTION, REFINER, SCHEDULER, SEED)
 
 CATEGORY = "harmonize/DiffHarmony"
 ALIASES = ("harmonize", "harmonization", "diffharmony", "color match", "relight", "composite", "blend")
@@ -335,13 +336,16 @@ class HarmonizeRefine:
 
 class HarmonizeDiffHarmony:
     DESCRIPTION = ("DiffHarmony in one node: encode, sample, decode, optional refinement, and paste back at the "
-                   "composite's size. Same result as the stage nodes for the same settings.")
+                   "composite's size. Same result as the stage nodes for the same settings. preprocess = official "
+                   "instead feeds the network exactly what the authors' code feeds it and returns their square "
+                   "result (for reproducing the paper's numbers).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
     FUNCTION = "harmonize"
-    OUTPUT_TOOLTIPS = ("The harmonized composite at its own size; outside the mask the composite bit for bit.",)
-    SEARCH_ALIASES = ALIASES + ("all-in-one", "harmonizer", "image harmonization")
+    OUTPUT_TOOLTIPS = ("The harmonized composite at its own size; outside the mask the composite bit for bit "
+                       "(preprocess = official: the authors' square result).",)
+    SEARCH_ALIASES = ALIASES + ("all-in-one", "harmonizer", "image harmonization", "official", "reproduce")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -351,7 +355,7 @@ class HarmonizeDiffHarmony:
             "mask": ("MASK", {"tooltip": "Foreground mask (white = the pasted object)."}),
             "seed": SEED, "steps": DIFFHARMONY_STEPS, "scheduler": SCHEDULER, "guidance": DIFFHARMONY_GUIDANCE,
             "resolution": DIFFHARMONY_RESOLUTION, "fit": FIT, "refine_resolution": REFINE_RESOLUTION,
-            "feather": FEATHER, "detail": DETAIL, "decoder": DECODER,
+            "feather": FEATHER, "detail": DETAIL, "decoder": DECODER, "preprocess": PREPROCESS,
         }, "optional": {
             "refiner": (REFINER, {"tooltip": "Optional refinement model (recommended)."}),
             "condition_vae": (CONDITION_VAE, {"tooltip": "The condition VAE for decoder = condition vae (default: "
@@ -359,9 +363,17 @@ class HarmonizeDiffHarmony:
         }}
 
     def harmonize(self, model, composite, mask, seed, steps, scheduler, guidance, resolution, fit,
-                  refine_resolution, feather, detail, decoder="vae", refiner=None, condition_vae=None):
+                  refine_resolution, feather, detail, decoder="vae", preprocess="pack", refiner=None,
+                  condition_vae=None):
+        if preprocess not in PREPROCESSING:
+            raise InputError(f"preprocess must be one of {', '.join(PREPROCESSING)}, got {preprocess!r}")
         cvae = _decoder(model, decoder, condition_vae)
         sd = _on_device(model, extra=tuple(m for m in (refiner, cvae) if m is not None))  # one load for the run
+        if preprocess == "official":
+            return (official.harmonize_images(sd, composite, mask, resolution, refine_resolution, seed=seed,
+                                              steps=steps, scheduler=scheduler, guidance=guidance, refiner=refiner,
+                                              condition_vae=cvae, callback=host.Progress(steps),
+                                              cancel=host.check_interrupt),)
         out = dh.harmonize(sd, composite, mask, seed=seed, steps=steps, resolution=resolution, scheduler=scheduler,
                            guidance=guidance, square=fit == FITS[1], refiner=refiner,
                            refine_resolution=refine_resolution, feather=feather, detail=detail,

@@ -69,6 +69,15 @@ DECODER = (list(DECODERS), {"default": "vae",
                                        "hold). condition vae: the archive's condition_vae/ decodes it while also "
                                        "seeing the composite, keeping its fine detail (the authors' "
                                        "DiffHarmony++); found beside base/ unless one is connected."})
+PREPROCESSING = ("pack", "official")
+PREPROCESS = (list(PREPROCESSING), {
+    "default": "pack",
+    "tooltip": "pack: the composite at its own aspect ratio, the result pasted back at its size (fit, feather and "
+               "detail apply). official: exactly what the authors' loader and script feed and return, to "
+               "reproduce the paper's numbers: the composite as an 8-bit image resized by PIL to a resolution x "
+               "resolution square, the mask dithered to 1 bit, the result the square at refine_resolution "
+               "(with a refiner, paper: 256) or at resolution, with no paste-back; fit, feather and detail do "
+               "not apply."})
 
 # --- zero-shot ----------------------------------------------------------------------------------------------
 ZERO_SHOT_RESOLUTION = ("INT", {"default": PAPER.resolution, "min": 64, "max": 4096, "step": 64,
@@ -113,4 +122,5 @@ CONCEPTS = {
     "resolution": (DIFFHARMONY_RESOLUTION, REFINE_RESOLUTION, ZERO_SHOT_RESOLUTION, EDGE_RESOLUTION),
     "refine_resolution": (REFINE_RESOLUTION,),
     "decoder": (DECODER,),
+    "preprocess": (PREPROCESS,),
 }

@@ -30,6 +30,7 @@ from ..core import images
 from ..core.errors import InputError
 from . import condition_vae as cv
 from . import pipeline as dh
+from .refiner import check_refine_resolution
 from .refiner import refiner_input as stack
 
 
@@ -133,3 +134,24 @@ def harmonize(sd, inputs: OfficialInputs, seed: int = 0, steps: int = dh.DEFAULT
         y = refiner(rin.to(device=rdev, dtype=next(refiner.parameters()).dtype)).float().cpu().clamp(-1, 1)
         image01 = ((y + 1) / 2).clamp(0, 1)
     return images.to_nhwc(image01).contiguous()
+
+
+def harmonize_images(sd, composite: torch.Tensor, mask: torch.Tensor, resolution: int = dh.DEFAULT_RESOLUTION,
+                     output_resolution: int = 256, seed: int = 0, steps: int = dh.DEFAULT_STEPS,
+                     scheduler: str = "euler_ancestral", guidance: float = 1.0, refiner=None, condition_vae=None,
+                     callback=None, cancel=None) -> torch.Tensor:
+    """``harmonize`` on a ComfyUI IMAGE batch and MASK (one mask may serve every composite): each composite
+    prepared as the authors' loader prepares its file (``prepare_tensors``), all of them checked before any
+    model runs, then run one at a time with the same seed, as the authors' script runs a batch of one.
+    Returns IMAGE ``[B, output_resolution, output_resolution, 3]`` with a refiner, else ``[B, R, R, 3]``.
+    ``callback(step, total)`` counts the steps of the whole batch."""
+    if refiner is not None:
+        check_refine_resolution(output_resolution)
+    composite, mask = images.image_and_mask(composite, mask)
+    batch = [prepare_tensors(composite[i:i + 1], mask[i:i + 1], resolution, output_resolution)
+             for i in range(composite.shape[0])]
+    outs = []
+    for i, inputs in enumerate(batch):
+        step = None if callback is None else (lambda k, n, i=i: callback(i * n + k, len(batch) * n))
+        outs.append(harmonize(sd, inputs, seed, steps, scheduler, guidance, refiner, condition_vae, step, cancel))
+    return torch.cat(outs)

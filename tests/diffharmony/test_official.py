@@ -108,3 +108,50 @@ def test_condition_vae_decode_gets_the_loader_condition(archive, files):
     comp, mask = loader_reference(*files, RES)
     assert len(seen) == 1 and torch.equal(seen[0], torch.cat([comp, mask], 1))
     assert got.shape == (1, RES, RES, 3)
+
+
+def test_all_in_one_node_official_is_the_authors_run_per_composite(archive, files):
+    from comfyui_harmonize.nodes import diffharmony as N
+
+    sd = dh.load_diffharmony(archive)
+    refiner = rf.load_refiner(archive / "refinement")
+    comp_path, mask_path = files
+    image = torch.from_numpy(np.array(Image.open(comp_path), np.float32) / 255)[None]
+    soft = torch.from_numpy(np.array(Image.open(mask_path), np.float32) / 255)[None]
+    other = image.flip(2)
+    node = N.HarmonizeDiffHarmony()
+    args = (sd, torch.cat([image, other]), soft, 4, 2, "euler_ancestral", 1.0, RES, "keep aspect", OUT, 0,
+            "resample")
+    (got,) = node.harmonize(*args, preprocess="official", refiner=refiner)
+    for i, comp in enumerate((image, other)):  # each composite as the authors' script runs a file, same seed
+        want = official.harmonize(sd, official.prepare_tensors(comp, soft, RES, OUT), seed=4, steps=2,
+                                  refiner=refiner)
+        assert torch.equal(got[i:i + 1], want)
+    assert got.shape == (2, OUT, OUT, 3)
+    (plain,) = node.harmonize(sd, image, *args[2:], preprocess="official")  # no refiner: the R square
+    assert plain.shape == (1, RES, RES, 3)
+    (pack,) = node.harmonize(sd, image, *args[2:], refiner=refiner)  # the default keeps the pack's path
+    assert pack.shape == image.shape
+
+
+def test_all_in_one_node_official_checks_before_any_work(archive, files):
+    from comfyui_harmonize.nodes import diffharmony as N
+    from comfyui_harmonize.pipelines.core.errors import InputError
+
+    sd = dh.load_diffharmony(archive)
+    refiner = rf.load_refiner(archive / "refinement")
+    calls = []
+    hook = sd.vae.register_forward_pre_hook(lambda m, a: calls.append(1))
+    image, mask = make_composite(40, 48, seed=2)
+    base = (sd, image, mask, 0, 1, "euler_ancestral", 1.0, RES, "keep aspect")
+    try:
+        with pytest.raises(InputError, match="preprocess must be one of pack, official"):
+            N.HarmonizeDiffHarmony().harmonize(*base, OUT, 0, "resample", preprocess="authors")
+        with pytest.raises(InputError, match="refine resolution must be a positive multiple of 16"):
+            N.HarmonizeDiffHarmony().harmonize(*base, 40, 0, "resample", preprocess="official", refiner=refiner)
+        with pytest.raises(InputError, match="mask"):
+            N.HarmonizeDiffHarmony().harmonize(*base[:2], mask[:, :20], *base[3:], OUT, 0, "resample",
+                                               preprocess="official")
+    finally:
+        hook.remove()
+    assert not calls
