@@ -276,13 +276,18 @@ class HarmonizeMakeComposite:
             "real": ("IMAGE", {"tooltip": "A real (harmonious) photo."}),
             "mask": ("MASK", {"tooltip": "The object to make inharmonious (white)."}),
             "seed": SEED, "steps": DIFFHARMONY_STEPS, "resolution": DIFFHARMONY_RESOLUTION, "fit": FIT,
+        }, "optional": {
+            "condition_vae": (CONDITION_VAE, {"tooltip": "Optional: a condition VAE trained for this direction "
+                                                         "(the authors' cvae-gen: harmonize-train-condition-vae "
+                                                         "--mode inverse) to encode and decode with, the real "
+                                                         "photo and mask as its condition."}),
         }}
 
-    def make(self, inverse_model, real, mask, seed, steps, resolution, fit):
-        sd = _on_device(inverse_model)
+    def make(self, inverse_model, real, mask, seed, steps, resolution, fit, condition_vae=None):
+        sd = _on_device(inverse_model, extra=(condition_vae,) if condition_vae is not None else ())
         return (inv.make_composite(sd, real, mask, seed=seed, steps=steps, resolution=resolution,
-                                   square=fit == FITS[1], callback=host.Progress(steps),
-                                   cancel=host.check_interrupt),)
+                                   square=fit == FITS[1], condition_vae=condition_vae,
+                                   callback=host.Progress(steps), cancel=host.check_interrupt),)
 
 
 class HarmonizeRefinerLoader:

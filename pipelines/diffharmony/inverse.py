@@ -7,11 +7,14 @@ surroundings: an inharmonious composite of the photo, whose harmonious original 
 to augment their training data (scripts/inference/inverse.py: 5 Euler-ancestral steps, guidance 1, the
 photo's background pasted back outside the mask, several rounds with different draws per mask).
 
-Layout the loader accepts (the authors' training script saves the UNet as ``weights-<step>/``, a diffusers
-``UNet2DConditionModel`` folder): ``inverse/`` holding ``weights-<step>/`` (the highest step is taken),
-``unet/``, or the UNet's config.json itself; or a full diffusers pipeline folder. Whatever the folder does
-not hold (VAE, text encoder, tokenizer, scheduler) comes from the archive's ``base/`` beside it, which is
-what the authors' script combines it with (their ``--pretrained_model_name_or_path`` pipeline).
+Layout the loader accepts (the archive's ``inverse/`` is "a pipeline plus a UNet": the authors' training
+script saves the trained UNet as ``weights-<step>/``, a diffusers ``UNet2DConditionModel`` folder, and their
+inference script combines it with a pipeline, its ``--pretrained_model_name_or_path``):
+
+- the UNet: ``weights-<step>/`` (the highest step; its own folder or its ``unet/``) when there is one, else
+  the pipeline's ``unet/``, else a UNet config.json in ``inverse/`` itself;
+- the VAE, text encoder, tokenizer and scheduler: from ``inverse/`` when it is a diffusers pipeline folder
+  (model_index.json), else from the archive's ``base/`` beside it.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ import torch
 from ..core import model_files
 from ..core.errors import WeightsError
 from ..core.weights import own_memory
-from ..sd.loading import SDComponents, diffharmony_base, is_diffusers_folder, load_diffusers_folder
+from ..sd.loading import (SDComponents, load_component, diffharmony_base, is_diffusers_folder,
+                          load_diffusers_folder)
 from . import pipeline as dh
 
 FOLDER = "inverse"
@@ -62,19 +66,22 @@ def inverse_folder(path: str | os.PathLike) -> Path:
                        f"DiffHarmony archive's {FOLDER}/ folder (the authors' diffharmony-gen UNet) beside base/.")
 
 
-def unet_folder(folder: Path) -> Path:
-    """The UNet inside ``inverse/``: weights-<highest step>/, unet/, or the folder itself."""
+def trained_unet_folder(folder: Path) -> Path | None:
+    """The ``weights-<highest step>/`` UNet the authors' training script saved in ``folder`` (or None)."""
     steps = []
     for sub in folder.iterdir():
         m = re.fullmatch(r"weights-(\d+)", sub.name)
-        if m and _is_unet_folder(sub):
-            steps.append((int(m.group(1)), sub))
-        elif m and _is_unet_folder(sub / "unet"):
-            steps.append((int(m.group(1)), sub / "unet"))
-    if steps:
-        return max(steps)[1]
-    for cand in (folder / "unet", folder):
-        if _is_unet_folder(cand):
+        for cand in (sub, sub / "unet"):
+            if m and _is_unet_folder(cand):
+                steps.append((int(m.group(1)), cand))
+                break
+    return max(steps)[1] if steps else None
+
+
+def unet_folder(folder: Path) -> Path:
+    """The inverse UNet inside ``folder``: weights-<highest step>/, else unet/, else the folder itself."""
+    for cand in (trained_unet_folder(folder), folder / "unet", folder):
+        if cand is not None and _is_unet_folder(cand):
             return cand
     raise WeightsError(f"{folder} holds no inverse UNet: expected weights-<step>/, unet/ or a UNet config.json "
                        f"(a diffusers UNet2DConditionModel with in_channels 9)")
@@ -82,27 +89,21 @@ def unet_folder(folder: Path) -> Path:
 
 def load_inverse(path: str | os.PathLike, dtype: torch.dtype = torch.float32, tokenizer_dir=None,
                  base: SDComponents | None = None) -> SDComponents:
-    """The inverse model as DiffHarmony components: its UNet, and the VAE, text encoder, tokenizer and
-    scheduler of its own pipeline folder when it is one, else of ``base`` (or the archive's ``base/``)."""
+    """The inverse model as DiffHarmony components (see the module docstring for which folder gives what);
+    ``base`` stands in for the archive's ``base/`` when ``inverse/`` is not a pipeline folder."""
     from diffusers import UNet2DConditionModel
 
     folder = inverse_folder(path)
-    if is_diffusers_folder(folder):
-        return dh.check_and_return(load_diffusers_folder(folder, dtype, tokenizer_dir))
     ufolder = unet_folder(folder)
-    if base is None:
-        base_dir = diffharmony_base(folder.parent)
-        if base_dir is None:
-            raise WeightsError(f"{folder} holds only a UNet, and no base/ pipeline was found beside it in "
-                               f"{folder.parent} for its VAE, text encoder and tokenizer")
-        base = load_diffusers_folder(base_dir, dtype, tokenizer_dir)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(str(ufolder), torch_dtype=dtype, local_files_only=True)
-    except Exception as exc:
-        raise WeightsError(f"could not load the inverse UNet from {ufolder}: {exc}") from exc
-    own_memory(unet).eval().requires_grad_(False)
-    sd = dataclasses.replace(base, unet=unet, source=str(ufolder), cache={})
-    return dh.check_and_return(sd)
+    if base is not None and not is_diffusers_folder(folder):
+        unet = load_component(UNet2DConditionModel, ufolder.parent, ufolder.name, dtype)
+        own_memory(unet).eval().requires_grad_(False)
+        return dh.check_and_return(dataclasses.replace(base, unet=unet, source=str(ufolder), cache={}))
+    pipeline = folder if is_diffusers_folder(folder) else diffharmony_base(folder.parent)
+    if pipeline is None:
+        raise WeightsError(f"{folder} holds only a UNet, and no base/ pipeline was found beside it in "
+                           f"{folder.parent} for its VAE, text encoder and tokenizer")
+    return dh.check_and_return(load_diffusers_folder(pipeline, dtype, tokenizer_dir, unet_folder=ufolder))
 
 
 def make_composite(sd: SDComponents, real: torch.Tensor, mask: torch.Tensor, seed: int = 0,

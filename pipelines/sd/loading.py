@@ -130,7 +130,9 @@ def weights_variant(folder: str | os.PathLike, stems: tuple[str, ...]) -> str | 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
 
-def _from_pretrained(cls, folder: Path, subfolder: str, dtype: torch.dtype):
+def load_component(cls, folder: Path, subfolder: str, dtype: torch.dtype):
+    """``cls.from_pretrained(folder/subfolder)`` offline (safetensors, or .bin read without unpickling
+    objects), with one clear WeightsError per kind of failure."""
     sub = folder / subfolder
     if not (sub / "config.json").is_file():
         raise WeightsError(f"{sub}/config.json is missing: expected a {cls.__name__} in {sub}")
@@ -143,16 +145,22 @@ def _from_pretrained(cls, folder: Path, subfolder: str, dtype: torch.dtype):
 
 
 def load_diffusers_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                          tokenizer_dir: str | os.PathLike | None = None) -> SDComponents:
+                          tokenizer_dir: str | os.PathLike | None = None,
+                          unet_folder: str | os.PathLike | None = None) -> SDComponents:
     """Load unet/vae/text_encoder/tokenizer/scheduler config from a diffusers pipeline folder (or the
-    DiffHarmony archive root, whose ``base/`` is one)."""
+    DiffHarmony archive root, whose ``base/`` is one). ``unet_folder``: a UNet folder of its own to use
+    instead of the pipeline's ``unet/`` (which is then not read); the result's source names it."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     folder = resolve_pipeline_folder(path)
-    unet = _from_pretrained(UNet2DConditionModel, folder, "unet", dtype)
-    vae = _from_pretrained(AutoencoderKL, folder, "vae", dtype)
-    text_encoder = _from_pretrained(CLIPTextModel, folder, "text_encoder", dtype)
+    if unet_folder is None:
+        unet = load_component(UNet2DConditionModel, folder, "unet", dtype)
+    else:
+        unet_folder = Path(unet_folder)
+        unet = load_component(UNet2DConditionModel, unet_folder.parent, unet_folder.name, dtype)
+    vae = load_component(AutoencoderKL, folder, "vae", dtype)
+    text_encoder = load_component(CLIPTextModel, folder, "text_encoder", dtype)
     tokenizer = load_tokenizer([folder / "tokenizer", tokenizer_dir])
     sched_file = folder / "scheduler" / "scheduler_config.json"
     if not sched_file.is_file():
@@ -165,4 +173,4 @@ def load_diffusers_folder(path: str | os.PathLike, dtype: torch.dtype = torch.fl
         raise WeightsError(f"{sched_file} (model {folder}) holds no scheduler config (a JSON object expected)")
     for m in (unet, vae, text_encoder):
         own_memory(m).eval().requires_grad_(False)
-    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler_config, str(folder), dtype)
+    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler_config, str(unet_folder or folder), dtype)
