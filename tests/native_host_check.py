@@ -82,7 +82,8 @@ def parity(root: Path, resolution: int = 96, seed: int = 7) -> dict:
 
     import tiny_models
     from comfyui_harmonize.nodes import host
-    from comfyui_harmonize.nodes.diffharmony import HarmonizeDiffHarmonyConditioning
+    from comfyui_harmonize.nodes.diffharmony import HarmonizeConditionVAEDecode, HarmonizeDiffHarmonyConditioning
+    from comfyui_harmonize.pipelines.diffharmony import condition_vae as cv
     from comfyui_harmonize.pipelines.diffharmony import pipeline as dh
     from comfyui_harmonize.pipelines.sd.models import load_sd
 
@@ -124,6 +125,15 @@ def parity(root: Path, resolution: int = 96, seed: int = 7) -> dict:
         native = vae.decode(comfy_latents())
         out["concat_latent_vs_pack_mean"] = float((comp - mean).abs().max())
         out["parity"] = float((native - ref_mean).abs().max())
+        # the condition VAE on KSampler's LATENT (the Condition-VAE Decode node, as a native graph would use it)
+        # vs on the pack sampler's latent: both LATENTs are unscaled, so the decodes agree as the VAE's do
+        cvae = cv.load_condition_vae(tiny_models.write_condition_vae(archive / "condition_vae"))
+        native_lat = comfy_latents()
+        (cv_native,) = HarmonizeConditionVAEDecode().decode(cvae, {"samples": native_lat}, image, mask, seed)
+        pack_lat = dh.sample(sd, mean, dh.latent_mask(mask, mean.shape[-2:]), seed, 5, "euler_ancestral")
+        cv_pack = dh.decode_with_condition(cvae, pack_lat, image, mask, seed)
+        out["condition_vae_parity"] = float((cv_native - cv_pack).abs().max())
+        out["condition_vae_vs_vae"] = float((cv_native - native).abs().max())
         # each necessary difference, alone
         ref_sample = decoded(dh.sample(sd, sample_lat, dh.latent_mask(mask, mean.shape[-2:]), seed, 5,
                                        "euler_ancestral"))

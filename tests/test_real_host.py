@@ -890,6 +890,7 @@ def test_native_matches_the_pack_and_partial_loads_run(host, tmp_path):
     r = native_host_check.run_in_host(host.python, COMFYUI_PATH, tmp_path / "native.json", timeout=RUN_S)
     p = r["parity"]
     assert p["parity"] < 1e-3, p
+    assert p["condition_vae_parity"] < 1e-3 and p["condition_vae_vs_vae"] > 1e-3, p
     d = p["differences"]
     SUMMARY["native"] = [
         f"native (ComfyUI loader objects + DiffHarmony Conditioning + ComfyUI sampler + VAE decode) vs the pack's "
@@ -900,7 +901,9 @@ def test_native_matches_the_pack_and_partial_loads_run(host, tmp_path):
         f"(ComfyUI {p['timesteps']['comfyui']} vs {p['timesteps']['diffusers']}), start noise x{p['start_scale']:.5f} "
         f"{d['start_noise_scale']:.2e}, KSampler's own noise stream {d['ksampler_noise_stream']:.3f}, VAE mean vs "
         f"posterior sample {d['vae_mean_vs_posterior_sample']:.3f}, a working-size mask resized by ComfyUI "
-        f"{d['full_size_mask']:.3f} ({p['mask_cells_differing_if_full_size']} of {p['mask_cells']} latent cells)"]
+        f"{d['full_size_mask']:.3f} ({p['mask_cells_differing_if_full_size']} of {p['mask_cells']} latent cells)",
+        f"KSampler's LATENT through Condition-VAE Decode vs the pack's latent through it: max |difference| "
+        f"{p['condition_vae_parity']:.2e} (vs the plain VAE decode of the same latent: {p['condition_vae_vs_vae']:.3f})"]
     for name, e in r["partial_loads"].items():
         assert e["ours"].endswith("forward ran"), (name, e)
         SUMMARY["native"].append(f"forced partial load, {name} ({e['mib']} MiB): {e['ours']}; stock ModelPatcher: "

@@ -36,6 +36,12 @@ def test_native_equals_the_pack_path(result):
     assert p["timesteps"]["comfyui"] == [round(t) for t in p["timesteps"]["diffusers"]]
 
 
+def test_condition_vae_decodes_the_native_latent(result):
+    p = result["parity"]
+    assert p["condition_vae_parity"] < 1e-3  # KSampler's LATENT through Condition-VAE Decode = the pack's
+    assert p["condition_vae_vs_vae"] > 1e-3  # and it is the condition VAE that decoded it, not the VAE
+
+
 def test_each_necessary_difference_is_measured(result):
     d = result["parity"]["differences"]
     assert set(d) == {"start_noise_scale", "ksampler_noise_stream", "vae_mean_vs_posterior_sample",
