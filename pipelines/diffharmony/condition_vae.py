@@ -19,7 +19,13 @@ code (reference/diffharmony.md, "Condition VAE"; their ``ConditionVAE``, ``Encod
   ``post_quant_conv(z) + latent_skip_conv(post_quant_conv(z_cond))`` and the skips. ``z`` is the harmonized
   latent divided by the scaling factor.
 
-With all zero-initialised convolutions at zero it decodes exactly like its own plain decoder. Parameter names
+With all zero-initialised convolutions at zero it decodes exactly like its own plain decoder.
+
+Tiling (``enable_tiling``, used above the pipeline's ``VAE_TILING_ABOVE``): diffusers' ``AutoencoderKL`` tiling
+(tiles of the config's ``sample_size``, overlapping by a quarter, blended linearly), applied to the condition
+path too: each latent tile is decoded with the condition tile under it, whose conditional-encoder skips match
+the decoder's tile, and the condition's posterior draw is made once at full size and cut like the latent, so
+it does not depend on the tiling. With all skips at zero a tiled decode equals diffusers' tiled decode. Parameter names
 are the authors' (the decoder's and both encoders' layers are diffusers' ``Encoder``/``Decoder`` layers, whose
 names theirs reuse), so the released file loads with strict key checking.
 """
@@ -125,6 +131,23 @@ class ConditionVAE(nn.Module):
         self.quant_conv = nn.Conv2d(2 * lc, 2 * lc, 1)
         self.post_quant_conv = nn.Conv2d(lc, lc, 1)
         self.latent_skip_conv = _zero_conv(lc, lc)
+        self.use_tiling = False
+
+    def enable_tiling(self) -> None:
+        """Encode and decode in overlapping tiles (as diffusers' ``AutoencoderKL.enable_tiling``)."""
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    @property
+    def tile_sample_size(self) -> int:
+        size = self.config["sample_size"]
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def tile_latent_size(self) -> int:
+        return int(self.tile_sample_size / self.scale_factor)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -144,7 +167,13 @@ class ConditionVAE(nn.Module):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
-        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(self.quant_conv(self.encoder(x))))
+        t = self.tile_sample_size
+        if self.use_tiling and max(x.shape[-2:]) > t:
+            moments = tiled(lambda i, j: self.quant_conv(self.encoder(x[:, :, i:i + t, j:j + t])), x.shape[-2],
+                            x.shape[-1], t, self.tile_latent_size)
+        else:
+            moments = self.quant_conv(self.encoder(x))
+        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(moments))
 
     def encode_cond(self, cond: torch.Tensor):
         """-> (posterior of the condition, down-path skips, mid-block skip)."""
@@ -338,12 +367,61 @@ def decode_signed(cvae: ConditionVAE, latents: torch.Tensor, cond: torch.Tensor,
                   generator: torch.Generator | None = None, sample_posterior: bool = True) -> torch.Tensor:
     """``decode`` on a ready condition, returning ``[B,3,H,W]`` in the decoder's range (about [-1, 1])."""
     device, dtype = cvae.device, cvae.dtype
-    posterior, skips, mid_skip = cvae.encode_cond(cond.to(device=device, dtype=dtype))
-    if sample_posterior:  # drawn on the CPU in float32 so every device gives the same draw
-        noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32)
-        z_cond = posterior.mean + posterior.std * noise.to(device=device, dtype=dtype)
-    else:
-        z_cond = posterior.mode()
     z = latents.to(device=device, dtype=dtype)
-    hidden = cvae.post_quant_conv(z) + cvae.latent_skip_conv(cvae.post_quant_conv(z_cond))
-    return cvae.decode_skips(hidden, skips, mid_skip)
+    cond = cond.to(device=device, dtype=dtype)
+    noise = None
+    if sample_posterior:  # drawn on the CPU in float32 so every device gives the same draw; the posterior has
+        # the latent's shape, so the draw is made once here, whole, and a tile takes its part of it
+        noise = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+    def run(z, cond, noise):
+        posterior, skips, mid_skip = cvae.encode_cond(cond)
+        z_cond = posterior.mode() if noise is None else posterior.mean + posterior.std * noise
+        hidden = cvae.post_quant_conv(z) + cvae.latent_skip_conv(cvae.post_quant_conv(z_cond))
+        return cvae.decode_skips(hidden, skips, mid_skip)
+
+    t, s = cvae.tile_latent_size, cvae.scale_factor
+    if not (cvae.use_tiling and max(z.shape[-2:]) > t):
+        return run(z, cond, noise)
+
+    def tile(i, j):
+        return run(z[:, :, i:i + t, j:j + t], cond[:, :, s * i:s * (i + t), s * j:s * (j + t)],
+                   None if noise is None else noise[:, :, i:i + t, j:j + t])
+
+    return tiled(tile, z.shape[-2], z.shape[-1], t, cvae.tile_sample_size)
+
+
+# ------------------------------------------------------------------------------------------- tiling
+TILE_OVERLAP = 0.25  # diffusers' AutoencoderKL.tile_overlap_factor
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch.Tensor:
+    """Ramp the first ``extent`` rows (dim 2) or columns (dim 3) of ``b`` from ``a``'s last ones, in place, as
+    diffusers' ``blend_v`` / ``blend_h`` do."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    for k in range(extent):
+        b.select(dim, k).copy_(a.select(dim, a.shape[dim] - extent + k) * (1 - k / extent)
+                               + b.select(dim, k) * (k / extent))
+    return b
+
+
+def tiled(fn, height: int, width: int, tile: int, out_tile: int) -> torch.Tensor:
+    """diffusers' tiled encode/decode scheme for any tile function: ``fn(i, j)`` maps the input tile of side
+    ``tile`` at (i, j) of a ``height`` x ``width`` input to its output of side ``out_tile``; tiles step by
+    ``tile * (1 - TILE_OVERLAP)``, each is blended with the one above and the one to its left over a quarter
+    of ``out_tile``, and cut to what it alone contributes."""
+    step = int(tile * (1 - TILE_OVERLAP))
+    extent = int(out_tile * TILE_OVERLAP)
+    limit = out_tile - extent
+    rows = [[fn(i, j) for j in range(0, width, step)] for i in range(0, height, step)]
+    out = []
+    for i, row in enumerate(rows):
+        line = []
+        for j, t in enumerate(row):
+            if i > 0:
+                t = _blend(rows[i - 1][j], t, extent, 2)
+            if j > 0:
+                t = _blend(row[j - 1], t, extent, 3)
+            line.append(t[:, :, :limit, :limit])
+        out.append(torch.cat(line, dim=3))
+    return torch.cat(out, dim=2)

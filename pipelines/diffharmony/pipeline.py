@@ -107,8 +107,9 @@ def module_device(module: torch.nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def vae_tiling(vae, long_side: int):
-    """diffusers' tiled VAE for working sizes above ``VAE_TILING_ABOVE`` (memory stays bounded at 2-4k px);
-    the paper's 512/1024 path is untouched. The model's own setting is restored afterwards."""
+    """diffusers' tiled VAE (and the condition VAE's tiling, condition_vae.py) for working sizes above
+    ``VAE_TILING_ABOVE`` (memory stays bounded at 2-4k px); the paper's 512/1024 path is untouched. The
+    model's own setting is restored afterwards."""
     turn_on = (long_side > VAE_TILING_ABOVE and hasattr(vae, "enable_tiling")
                and not getattr(vae, "use_tiling", False))
     if turn_on:
@@ -242,7 +243,7 @@ def decode_with_condition_unchecked(cvae, latents: torch.Tensor, composite: torc
                                     seed: int = 0, cancel: cancelling.Cancel = None) -> torch.Tensor:
     """:func:`decode_with_condition` on a composite and mask already checked (``images.image_and_mask``)."""
     size = (latents.shape[-2] * cvae.scale_factor, latents.shape[-1] * cvae.scale_factor)
-    with cancelling.inside(cvae, cancel):
+    with vae_tiling(cvae, max(size)), cancelling.inside(cvae, cancel):
         return cv.decode(cvae, latents, composite, mask, generator=generator(seed, "condition"),
                          cond=cv.condition_unchecked(composite, mask, size))
 

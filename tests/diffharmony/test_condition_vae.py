@@ -107,6 +107,71 @@ def test_with_zero_skips_it_decodes_like_its_own_plain_decoder(tmp_path):
         assert torch.equal(built.decode_with_cond(z, cv.condition(image, mask, (32, 48))), vae.decode(z).sample)
 
 
+def test_tiled_with_zero_skips_equals_diffusers_tiled_vae():
+    """Tiling follows diffusers' AutoencoderKL tiling: with every skip at zero, the condition VAE's tiled
+    decode equals diffusers' tiled decode of the VAE it was built from, bit for bit, and its tiled encode
+    diffusers' tiled encode."""
+    vae = tiny_models.tiny_vae(1)  # sample_size 64: tiles of 64 px / 8 latent cells, several per image here
+    built = cv.ConditionVAE.from_vae(vae)
+    image, mask = make_composite(152, 104, seed=6)
+    z = torch.randn(1, 4, 19, 13, generator=torch.Generator().manual_seed(2))
+    x = image.permute(0, 3, 1, 2) * 2 - 1
+    with torch.no_grad():
+        vae.enable_tiling()
+        built.enable_tiling()
+        want = vae.decode(z).sample
+        got = cv.decode_signed(built, z, cv.condition(image, mask, (152, 104)), torch.Generator().manual_seed(4))
+        assert torch.equal(got, want)
+        # encode: the same to float noise (untiled the two encoders already differ by ~1e-6: the attention
+        # of a bare diffusers Encoder and of one inside AutoencoderKL run different kernels)
+        assert torch.allclose(built.encode(x).latent_dist.mean, vae.encode(x).latent_dist.mean, atol=1e-5)
+        vae.disable_tiling()
+        assert (vae.encode(x).latent_dist.mean - built.encode(x).latent_dist.mean).abs().max() > 1e-3
+        vae.enable_tiling()
+        vae.disable_tiling()
+        assert (vae.decode(z).sample - want).abs().max() > 1e-4  # the tiles do change the result
+
+
+def test_tiled_decode_with_skips_cuts_condition_and_draw_with_the_latent(cvae):
+    """With live skips: a latent that fits one tile decodes as untiled, bit for bit; a larger one is decoded
+    tile by tile, each with the condition under it and its part of the one full-size posterior draw (so the
+    first tile's corner, which no blend touches, is the untiled decode of that tile alone)."""
+    image, mask = make_composite(120, 88, seed=7)
+    cond = cv.condition(image, mask, (120, 88))
+    z = torch.randn(1, 4, 15, 11, generator=torch.Generator().manual_seed(3))
+    small = z[:, :, :8, :8]
+    try:
+        cvae.enable_tiling()
+        one = cv.decode_signed(cvae, small, cond[:, :, :64, :64], torch.Generator().manual_seed(5))
+        whole = cv.decode_signed(cvae, z, cond, torch.Generator().manual_seed(5))
+    finally:
+        cvae.disable_tiling()
+    assert torch.equal(one, cv.decode_signed(cvae, small, cond[:, :, :64, :64], torch.Generator().manual_seed(5)))
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        posterior, skips, mid = cvae.encode_cond(cond[:, :, :64, :64])
+        z_cond = posterior.mean + posterior.std * noise[:, :, :8, :8]
+        h = cvae.post_quant_conv(small) + cvae.latent_skip_conv(cvae.post_quant_conv(z_cond))
+        first = cvae.decode_skips(h, skips, mid)
+    assert torch.equal(whole[:, :, :48, :48], first[:, :, :48, :48])
+    assert whole.shape == (1, 3, 120, 88) and torch.isfinite(whole).all()
+    assert (whole - cv.decode_signed(cvae, z, cond, torch.Generator().manual_seed(5))).abs().max() > 1e-4
+
+
+def test_pipeline_tiles_the_condition_vae_above_the_threshold(archive, cvae, monkeypatch):
+    sd = dh.load_diffharmony(archive)
+    image, mask = make_composite(48, 64, seed=3)
+    calls = []
+    real = cv.tiled
+    monkeypatch.setattr(cv, "tiled", lambda *a, **k: calls.append(a[1:]) or real(*a, **k))
+    out = dh.harmonize(sd, image, mask, seed=1, steps=1, resolution=128, condition_vae=cvae)
+    assert not calls  # 128 px: below the threshold, untiled
+    monkeypatch.setattr(dh, "VAE_TILING_ABOVE", 64)
+    tiled_out = dh.harmonize(sd, image, mask, seed=1, steps=1, resolution=128, condition_vae=cvae)
+    assert calls and cvae.use_tiling is False  # encode and decode tiled; the model's setting restored
+    assert tiled_out.shape == out.shape and (tiled_out - out).abs().max() > 0
+
+
 def test_mismatched_keys_are_listed(tmp_path):
     from safetensors.torch import save_file
 
