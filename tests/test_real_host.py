@@ -229,6 +229,8 @@ def write_models(root: Path) -> None:
     # comfy_layout: 32-group norms, which ComfyUI's own UNet/VAE classes need (the native workflow loads it too)
     tiny_models.save_diffusers_pipeline(archive / "base", in_channels=9, weights="bin", comfy_layout=True)
     write_refiner(archive / "refinement")
+    tiny_models.write_condition_vae(archive / "condition_vae")  # the whole archive, as downloaded
+    tiny_models.write_inverse(archive / "inverse")
 
     tiny_models.save_diffusers_pipeline(root / "diffusers" / PLACED["diffusers"], in_channels=4, seed=30)
     write_variant_models(root)

@@ -162,3 +162,41 @@ def test_published_model_files_are_what_the_loaders_read(models_root, tmp_path, 
     model = HarmonizeZeroShotLoader().load("512-base-ema.safetensors", "fp32")[0]
     assert model.components.unet.config.in_channels == 4
     assert isinstance(HarmonizePiDiNetLoader().load("table5_pidinet.pth")[0], PiDiNet)
+
+
+def test_condition_vae_workflow_runs_node_by_node(models_env, tmp_path):
+    """The archive's condition_vae/ in a graph: encoded with its encoder, decoded with [composite, mask]."""
+    from comfyui_harmonize.pipelines.diffharmony import condition_vae as cv
+    from comfyui_harmonize.pipelines.diffharmony import pipeline as dh
+
+    image, mask = write_inputs(tmp_path)
+    results = wr.run_workflow(ROOT / "workflows" / "diffharmony_condition_vae.json",
+                              comfyui_harmonize.NODE_CLASS_MAPPINGS, tmp_path,
+                              overrides={("HarmonizeDiffHarmonyEncode", "resolution"): 256})
+    saved = dict(wr.SaveImage.saved)
+    out = saved["harmonize/diffharmony_condition_vae"]
+    assert out.shape == image.shape and len(results) == 11
+    bg = mask[..., None].expand_as(image) == 0
+    assert torch.equal(out[bg], image[bg])
+    archive = models_env / "diffharmony" / "DiffHarmony"
+    sd, cvae = dh.load_diffharmony(archive), cv.load_condition_vae(archive)
+    want = dh.harmonize(sd, image, mask, seed=0, steps=5, resolution=256, condition_vae=cvae)  # the all-in-one path
+    assert torch.allclose(out, want, atol=1e-6)
+
+
+def test_inverse_workflow_runs_node_by_node(models_env, tmp_path):
+    """The archive's inverse/ in a graph: a training composite made from the photo, then harmonized back."""
+    from comfyui_harmonize.pipelines.diffharmony import inverse as inv
+
+    image, mask = write_inputs(tmp_path)
+    results = wr.run_workflow(ROOT / "workflows" / "diffharmony_inverse.json", comfyui_harmonize.NODE_CLASS_MAPPINGS,
+                              tmp_path, overrides={("HarmonizeMakeComposite", "resolution"): 256,
+                                                   ("HarmonizeDiffHarmony", "resolution"): 256})
+    saved = dict(wr.SaveImage.saved)
+    made, back = saved["harmonize/training_composite"], saved["preview"]
+    assert len(results) == 8 and made.shape == back.shape == image.shape
+    sd = inv.load_inverse(models_env / "diffharmony" / "DiffHarmony")
+    assert torch.equal(made, inv.make_composite(sd, image, mask, seed=0, steps=5, resolution=256))
+    bg = mask[..., None].expand_as(image) == 0
+    assert torch.equal(made[bg], image[bg]) and torch.equal(back[bg], image[bg])
+    assert (made[~bg] - image[~bg]).abs().mean() > 1e-3
