@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from ..pipelines.color.match import harmonize_color_match
@@ -197,26 +196,12 @@ def check_memory(args, device: torch.device, sizes: list[tuple[int, int]]) -> No
                          f"resolution that fits is about {best}")
 
 
-def image_size(path: Path, what: str) -> tuple[int, int]:
-    """(height, width) of an image file from its header, or InputError naming the file."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF rotations by 90 degrees swap the sides
-                w, h = h, w
-            return h, w
-    except FileNotFoundError:
-        raise InputError(f"{what} file not found: {path}") from None
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise InputError(f"cannot read {what} {path}: {exc}") from None
-
-
 def check_inputs(args, work) -> list[tuple[int, int]]:
     """Every composite and mask opens, and each mask fits its composite (same size or aspect ratio)."""
     sizes = []
     for comp, mask, _ in work:
-        ch, cw = image_size(comp, "composite")
-        mh, mw = image_size(mask, "mask")
+        ch, cw = image_io.image_size(comp, "composite")
+        mh, mw = image_io.image_size(mask, "mask")
         if (mh, mw) != (ch, cw) and abs((mw / mh) / (cw / ch) - 1.0) > images.ASPECT_TOLERANCE:
             raise InputError(f"mask {mask} is {mw}x{mh} (WxH) but composite {comp} is {cw}x{ch}: expected a mask "
                              f"of the composite's size (or its aspect ratio)")

@@ -80,6 +80,21 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert("L"), dtype=np.float32) / 255.0)
 
 
+def image_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
+    """(height, width) of an image file as :func:`read_image` gives it, from the header alone (EXIF rotations
+    by 90 degrees swap the sides), or InputError naming the file."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):
+                w, h = h, w
+            return h, w
+    except FileNotFoundError:
+        raise InputError(f"{what} file not found: {path}") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise InputError(f"cannot read {what} {path}: {exc}") from None
+
+
 def load_image(path: str | os.PathLike) -> torch.Tensor:
     """IMAGE ``[1,H,W,3]`` float32 0..1 of an image file (see :func:`read_image`)."""
     return read_image(path)[None].contiguous()

@@ -27,6 +27,7 @@ from ..core.errors import InputError
 
 SUBSETS = ("HAdobe5k", "HCOCO", "HFlickr", "Hday2night")  # the order of the paper's tables
 PREFIX_TO_SUBSET = {"a": "HAdobe5k", "c": "HCOCO", "d": "Hday2night", "f": "HFlickr"}
+SUBSET_TO_PREFIX = {subset: prefix for prefix, subset in PREFIX_TO_SUBSET.items()}
 SPLITS = ("train", "test")
 # Published sizes of the test split (reference/evaluation.md); train: 65,742 pairs in all.
 TEST_COUNTS = {"HCOCO": 4283, "HAdobe5k": 2160, "HFlickr": 828, "Hday2night": 133}

@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_every_script_is_a_commands_main():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"comfyui-harmonize", "harmonize-benchmark", "harmonize-train-diffharmony",
-                            "harmonize-train-refiner", "harmonize-train-evaluator", "harmonize-train-condition-vae"}
+    assert set(scripts) == {"comfyui-harmonize", "harmonize-benchmark", "harmonize-make-pairs",
+                            "harmonize-train-diffharmony", "harmonize-train-refiner", "harmonize-train-evaluator",
+                            "harmonize-train-condition-vae"}
     for target in scripts.values():
         module, func = target.split(":")
         assert module.startswith("comfyui_harmonize.commands.")

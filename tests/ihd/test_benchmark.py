@@ -193,8 +193,8 @@ def test_console_scripts_point_at_the_commands():
 
     scripts = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
     ours = {k: v for k, v in scripts.items() if k.startswith("harmonize-")}
-    assert set(ours) == {"harmonize-benchmark", "harmonize-train-diffharmony", "harmonize-train-refiner",
-                         "harmonize-train-evaluator", "harmonize-train-condition-vae"}
+    assert set(ours) == {"harmonize-benchmark", "harmonize-make-pairs", "harmonize-train-diffharmony",
+                         "harmonize-train-refiner", "harmonize-train-evaluator", "harmonize-train-condition-vae"}
     for target in ours.values():
         module, func = target.split(":")
         main = getattr(importlib.import_module(module), func)

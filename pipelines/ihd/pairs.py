@@ -1,0 +1,346 @@
+"""Training pairs from the user's own photos: DiffHarmony's inverse model turns each (photo, mask) into
+inharmonious composites whose ground truth is the photo, written in the iHarmony4 layout (dataset.py) so the
+training commands read them like the published dataset.
+
+What the authors do (scripts/inference/inverse.py, scripts/inference_generate_data.sh,
+scripts/misc/classify_cand_gen_data.py): for each mask, ``--rounds`` candidate composites from the inverse
+model (5 Euler-ancestral steps, guidance 1, empty prompt, the real background pasted back), saved as JPEG
+quality 100 named ``<mask name>_<round>.jpg``; then their harmony classifier scores every candidate and the
+most "unharmonious" one is copied into ``composite_images/``. Here:
+
+- **Input.** ``photos`` is a folder of image files; ``masks`` a folder where a photo ``<stem>.<ext>`` has its
+  masks named ``<stem>.<ext>`` or ``<stem>_<anything>.<ext>`` (any image suffix; several masks per photo).
+  A mask belongs to the photo with the LONGEST stem it matches, so ``a_b_1.png`` goes to ``a_b.jpg`` when
+  both ``a.jpg`` and ``a_b.jpg`` exist. A photo's masks are taken in name order. Files whose suffix is not
+  an image suffix, and hidden files, are ignored. Everything is checked before any model is loaded
+  (:func:`plan`): a photo without a mask, a mask without a photo, two photos with one stem, a mask whose
+  size differs from its photo's (photo sizes from the file headers, EXIF rotation applied), an empty mask
+  (no pixel >= 0.5), an unreadable file; one InputError lists every problem.
+- **Names.** The user's names may hold "_" or start with any letter, which the iHarmony4 rules forbid, so
+  every photo is renamed to the subset's letter and a running number in name order (``f1``, ``f2``...), its
+  masks to ``f1_1``, ``f1_2``... in name order, and a composite of round ``r`` to ``f1_1_<r>``. The mapping
+  back to the user's files is ``<Subset>/<Subset>_<split>_sources.csv``.
+- **Files.** ``real_images/f1.jpg``: the photo once, JPEG quality 100 (the reader expects ``.jpg``);
+  ``masks/f1_1.png``: the mask, 8-bit grey; ``composite_images/f1_1_<r>.jpg``: JPEG quality 100 as the
+  authors save theirs (8-bit levels rounded, where their ``to_pil_image`` truncates). The composite is made
+  from the photo and mask AS WRITTEN (the decoded JPEG, the 8-bit mask), so the composite's background is
+  the ground truth's pixels up to the composite's own JPEG encoding.
+- **Seeds.** Round ``r`` (1-based) of every pair runs with seed ``seed + r - 1`` (:func:`round_seed`), the
+  seed of the DiffHarmony pipeline (pipeline.stream_seed derives its random streams from it): a composite is
+  reproduced by the Inverse (Make Composite) node with that seed. The authors reseed one generator with
+  their one seed for every batch, so their rounds differ only through the shuffled batch order.
+- **Selection.** With an evaluator, each pair keeps only its candidate with the lowest P(harmonious) (the
+  authors keep their classifier's highest "unharmony" probability), scored on the JPEG as written; the kept
+  file keeps its round number. The authors group candidates by photo, so they keep one composite per photo;
+  here one per (photo, mask). Without an evaluator every round is kept.
+- **Never overwrites; interrupt-safe.** It refuses a ``<root>/<Subset>`` that already holds files of the
+  dataset (its three folders, its list, its sources CSV), and a root holding ``IHD_<split>.txt`` (the reader
+  would take that list and never see the new one). Every file is created exclusively. A pair's lines are
+  appended to the sources CSV and then to ``<Subset>_<split>.txt`` only after all its files are written, so
+  a run stopped at any moment leaves a dataset whose list names only complete samples (files of the pair
+  being written when it stopped may be left on disk, unlisted; the reader ignores them).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..core import cancel as cancelling
+from ..core import image_io
+from ..core.errors import InputError
+from ..diffharmony import pipeline as dh
+from ..diffharmony.inverse import make_composite
+from . import dataset as ihd
+
+JPEG_QUALITY = 100  # the authors' ``sample.save(..., quality=100)``
+DEFAULT_SUBSET = "HFlickr"
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
+MAX_STEPS = 1000  # Stable Diffusion's schedulers are trained on 1000 timesteps
+MAX_RESOLUTION = 16384
+SHOWN_PROBLEMS = 20
+CSV_FIELDS = ("composite", "mask", "real", "photo_source", "mask_source", "round", "seed", "score")
+
+
+@dataclass(frozen=True)
+class Pair:
+    photo: Path
+    mask: Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the inverse model runs (the authors': 5 steps, 1024 px, square)."""
+    rounds: int = 1
+    seed: int = 0
+    steps: int = dh.DEFAULT_STEPS
+    resolution: int = dh.DEFAULT_RESOLUTION
+    square: bool = True
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.rounds < 1:
+            out.append(f"--rounds {self.rounds}: expected at least 1 composite per mask")
+        elif not 0 <= self.seed <= MAX_SEED - (self.rounds - 1):
+            out.append(f"--seed {self.seed} with {self.rounds} rounds: the round seeds seed..seed+{self.rounds - 1} "
+                       f"must lie in 0..{MAX_SEED}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            out.append(f"--steps {self.steps}: expected 1..{MAX_STEPS} (DiffHarmony uses 5)")
+        if self.resolution % 8 or not 8 <= self.resolution <= MAX_RESOLUTION:
+            out.append(f"--resolution {self.resolution}: expected a multiple of 8 in 8..{MAX_RESOLUTION} "
+                       f"(the authors: 1024)")
+        return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Checked pairs, settings and where they go; made by :func:`plan` only."""
+    pairs: tuple[Pair, ...]
+    root: Path
+    subset: str
+    split: str
+    settings: Settings
+
+    @property
+    def list_path(self) -> Path:
+        return ihd.list_file(self.root, self.split, self.subset)
+
+    @property
+    def sources_path(self) -> Path:
+        return sources_file(self.root, self.split, self.subset)
+
+
+def sources_file(root: str | os.PathLike, split: str, subset: str) -> Path:
+    """The CSV mapping the written names to the user's files: ``<root>/<Subset>/<Subset>_<split>_sources.csv``."""
+    return Path(root) / subset / f"{subset}_{split}_sources.csv"
+
+
+def round_seed(seed: int, round_: int) -> int:
+    """The seed of round ``round_`` (1-based): ``seed + round_ - 1``."""
+    return int(seed) + int(round_) - 1
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
+                  and f.suffix.lower() in image_io.IMAGE_SUFFIXES)
+
+
+def find_pairs(photos: str | os.PathLike, masks: str | os.PathLike) -> tuple[list[Pair], list[str]]:
+    """The (photo, mask) pairs by the naming rule of the module docstring, and the problems found."""
+    photos, masks = Path(photos), Path(masks)
+    problems = [f"--{flag} {folder}: folder not found" for flag, folder in (("photos", photos), ("masks", masks))
+                if not folder.is_dir()]
+    if problems:
+        return [], problems
+    photo_files, mask_files = _image_files(photos), _image_files(masks)
+    if not photo_files:
+        problems.append(f"no image files in {photos} (expected {', '.join(image_io.IMAGE_SUFFIXES)})")
+    by_stem: dict[str, Path] = {}
+    for f in photo_files:
+        if f.stem in by_stem:
+            problems.append(f"two photos named {f.stem}: {by_stem[f.stem].name} and {f.name} (their masks could "
+                            f"not be told apart)")
+        else:
+            by_stem[f.stem] = f
+    owned: dict[str, list[Path]] = {stem: [] for stem in by_stem}
+    for m in mask_files:
+        owners = [s for s in by_stem if m.stem == s or m.stem.startswith(s + "_")]
+        if owners:
+            owned[max(owners, key=len)].append(m)
+        else:
+            problems.append(f"mask {m} has no photo: expected a photo named {m.stem}.<ext> or, for a name "
+                            f"<stem>_<anything>, <stem>.<ext> in {photos}")
+    pairs = []
+    for stem, photo in sorted(by_stem.items(), key=lambda kv: kv[1].name):
+        if not owned[stem]:
+            problems.append(f"photo {photo} has no mask: expected {stem}.png or {stem}_<anything>.png in {masks}")
+        pairs += [Pair(photo, m) for m in owned[stem]]
+    return pairs, problems
+
+
+def check_pairs(pairs: list[Pair]) -> list[str]:
+    """Problems of the files themselves: unreadable, sizes that differ, empty masks."""
+    problems, sizes = [], {}
+    for pair in pairs:
+        if pair.photo not in sizes:
+            try:
+                sizes[pair.photo] = image_io.image_size(pair.photo, "photo")
+            except InputError as exc:
+                sizes[pair.photo] = None
+                problems.append(str(exc))
+        try:
+            mask = image_io.read_mask(pair.mask)
+        except InputError as exc:
+            problems.append(str(exc))
+            continue
+        size = sizes[pair.photo]
+        if size is not None and tuple(mask.shape) != size:
+            problems.append(f"mask {pair.mask} is {mask.shape[1]}x{mask.shape[0]} (WxH) but photo {pair.photo} is "
+                            f"{size[1]}x{size[0]}: expected a mask of the photo's size")
+        if not bool((mask >= 0.5).any()):
+            problems.append(f"mask {pair.mask} is empty (no pixel >= 0.5): expected the object in white on black")
+    return problems
+
+
+def dataset_files(root: str | os.PathLike, subset: str, split: str) -> list[Path]:
+    """Files of an iHarmony4 dataset already at ``root`` that a new subset ``subset`` would clash with."""
+    base = Path(root) / subset
+    found = [p for p in (ihd.list_file(root, split, subset), sources_file(root, split, subset)) if p.exists()]
+    for name in (ihd.COMPOSITE_DIR, ihd.MASK_DIR, ihd.REAL_DIR):
+        folder = base / name
+        if folder.is_dir():
+            found += sorted(folder.iterdir())[:1]
+        elif folder.exists():
+            found.append(folder)
+    return found
+
+
+def check_output(root: str | os.PathLike, subset: str, split: str) -> list[str]:
+    root = Path(root)
+    if subset not in ihd.SUBSETS:
+        return [f"unknown subset {subset!r}: expected one of {', '.join(ihd.SUBSETS)}"]
+    if split not in ihd.SPLITS:
+        return [f"unknown split {split!r}: expected one of {', '.join(ihd.SPLITS)}"]
+    existing = root
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"--out {root}: {existing} is a file, so the dataset folder cannot be created there"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"--out {root}: the folder {existing} is not writable"]
+    if ihd.list_file(root, split).exists():
+        return [f"--out {root} holds {ihd.list_file(root, split).name}, which the dataset reader takes instead of the "
+                f"per-subset lists, so the new {subset}/{subset}_{split}.txt would never be read: choose a new --out"]
+    clash = dataset_files(root, subset, split)
+    if clash:
+        return [f"--out {root} already holds an iHarmony4 {subset} dataset (found {', '.join(map(str, clash))}); "
+                f"nothing is overwritten: choose a new --out folder (or another --subset)"]
+    return []
+
+
+def plan(photos: str | os.PathLike, masks: str | os.PathLike, root: str | os.PathLike,
+         subset: str = DEFAULT_SUBSET, split: str = "train", settings: Settings = Settings()) -> Plan:
+    """Every check that needs no model, before any work; one InputError lists all problems."""
+    problems = settings.problems()
+    pairs, found = find_pairs(photos, masks)
+    problems += found
+    problems += check_pairs(pairs)
+    problems += check_output(root, subset, split)
+    if problems:
+        shown = "\n  ".join(problems[:SHOWN_PROBLEMS])
+        more = f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        raise InputError(f"{len(problems)} problem(s) with the input, nothing was written:\n  {shown}{more}")
+    return Plan(tuple(pairs), Path(root), subset, split, settings)
+
+
+def listed(plan_: Plan) -> int:
+    """How many composites the plan's list names so far."""
+    path = plan_.list_path
+    return len(path.read_text(encoding="utf-8").split()) if path.is_file() else 0
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """IMAGE ``[H,W,3]`` / ``[1,H,W,3]`` or MASK ``[H,W]`` 0..1 -> 8-bit array (rounded)."""
+    return (image.squeeze(0).clamp(0, 1).float().cpu().numpy() * 255.0).round().astype(np.uint8)
+
+
+def jpeg(image: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+    """The JPEG (quality 100) of an IMAGE and the ``[1,H,W,3]`` image it decodes to (what the reader gets)."""
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    data = buf.getvalue()
+    with Image.open(io.BytesIO(data)) as img:
+        decoded = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return data, torch.from_numpy(decoded)[None]
+
+
+def png(mask: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+    """The 8-bit grey PNG of a MASK and the ``[1,H,W]`` mask it decodes to."""
+    arr = to_uint8(mask)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="PNG")
+    return buf.getvalue(), torch.from_numpy(arr.astype(np.float32) / 255.0)[None]
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:  # "x": fail rather than overwrite
+        f.write(data)
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_pairs(sd, plan_: Plan, *, condition_vae=None, evaluator=None, callback=None,
+                cancel: cancelling.Cancel = None) -> list[dict]:
+    """Write the dataset of ``plan_`` with the inverse model ``sd`` (and ``condition_vae`` to decode with, and
+    ``evaluator`` to keep the least harmonious candidate; see the module docstring); returns the rows
+    written to the sources CSV. ``callback(step, total)`` after every sampler step of every round; ``cancel``
+    is checked inside every stage (a cancelled run leaves a consistent dataset)."""
+    rounds, seed, steps = plan_.settings.rounds, plan_.settings.seed, plan_.settings.steps
+    letter = ihd.SUBSET_TO_PREFIX[plan_.subset]
+    base = plan_.root / plan_.subset
+    for name in (ihd.COMPOSITE_DIR, ihd.MASK_DIR, ihd.REAL_DIR):
+        (base / name).mkdir(parents=True, exist_ok=True)
+    _write_new(plan_.list_path, b"")
+    header = io.StringIO()
+    csv.writer(header, lineterminator="\n").writerow(CSV_FIELDS)
+    _write_new(plan_.sources_path, header.getvalue().encode("utf-8"))
+
+    total, done = len(plan_.pairs) * rounds * steps, 0
+    numbers: dict[Path, str] = {}  # photo -> its new image name
+    masks_of: dict[Path, int] = {}
+    real = None
+    rows = []
+    for pair in plan_.pairs:
+        if pair.photo not in numbers:
+            numbers[pair.photo] = f"{letter}{len(numbers) + 1}"
+            masks_of[pair.photo] = 0
+            data, real = jpeg(image_io.read_image(pair.photo))
+            # the real file is named by the dataset's rule from any of its composites' names
+            _write_new(ihd.make_sample(plan_.root, f"{numbers[pair.photo]}_1_1.jpg").real, data)
+        masks_of[pair.photo] += 1
+        mask_name = f"{numbers[pair.photo]}_{masks_of[pair.photo]}"
+        data, mask = png(image_io.read_mask(pair.mask))
+        _write_new(ihd.make_sample(plan_.root, f"{mask_name}_1.jpg").mask, data)
+
+        candidates = []
+        for r in range(1, rounds + 1):
+            cancelling.check(cancel)
+            step = None if callback is None else (lambda i, n, at=done: callback(at + i, total))
+            composite = make_composite(sd, real, mask, seed=round_seed(seed, r), steps=steps,
+                                       resolution=plan_.settings.resolution, square=plan_.settings.square,
+                                       condition_vae=condition_vae, callback=step, cancel=cancel)
+            done += steps
+            candidates.append((r, *jpeg(composite)))
+        scores = [None] * rounds
+        kept = list(range(rounds))
+        if evaluator is not None:
+            decoded = torch.cat([c[2] for c in candidates])
+            scores = evaluator(decoded, mask.expand(rounds, -1, -1)).tolist()
+            kept = [min(range(rounds), key=lambda i: scores[i])]
+        pair_rows = []
+        for i in kept:
+            r, data, _ = candidates[i]
+            sample = ihd.make_sample(plan_.root, f"{mask_name}_{r}.jpg")
+            _write_new(sample.composite, data)
+            pair_rows.append({"composite": sample.composite.name, "mask": sample.mask.name, "real": sample.real.name,
+                              "photo_source": str(pair.photo), "mask_source": str(pair.mask), "round": r,
+                              "seed": round_seed(seed, r), "score": "" if scores[i] is None else f"{scores[i]:.6f}"})
+        text = io.StringIO()
+        csv.DictWriter(text, CSV_FIELDS, lineterminator="\n").writerows(pair_rows)
+        _append(plan_.sources_path, text.getvalue())
+        _append(plan_.list_path, "".join(row["composite"] + "\n" for row in pair_rows))
+        rows += pair_rows
+    return rows
