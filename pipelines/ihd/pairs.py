@@ -299,23 +299,21 @@ def write_pairs(sd, plan_: Plan, *, condition_vae=None, evaluator=None, callback
     _write_new(plan_.sources_path, header.getvalue().encode("utf-8"))
 
     total, done = len(plan_.pairs) * rounds * steps, 0
-    numbers: dict[Path, str] = {}  # photo -> its new image name
-    masks_of: dict[Path, int] = {}
-    real = None
+    photo, image_name, real, k, photos = None, "", None, 0, 0
     rows = []
-    for pair in plan_.pairs:
-        if pair.photo not in numbers:
-            numbers[pair.photo] = f"{letter}{len(numbers) + 1}"
-            masks_of[pair.photo] = 0
-            data, real = jpeg(image_io.read_image(pair.photo))
-            # the real file is named by the dataset's rule from any of its composites' names
-            _write_new(ihd.make_sample(plan_.root, f"{numbers[pair.photo]}_1_1.jpg").real, data)
-        masks_of[pair.photo] += 1
-        mask_name = f"{numbers[pair.photo]}_{masks_of[pair.photo]}"
+    for pair in plan_.pairs:  # grouped by photo (find_pairs)
+        if pair.photo != photo:
+            photo, k, photos = pair.photo, 0, photos + 1
+            image_name = f"{letter}{photos}"
+            data, real = jpeg(image_io.read_image(photo))
+            # every path is named by the dataset's own rule from a composite name
+            _write_new(ihd.make_sample(plan_.root, f"{image_name}_1_1.jpg").real, data)
+        k += 1
+        mask_name = f"{image_name}_{k}"
         data, mask = png(image_io.read_mask(pair.mask))
         _write_new(ihd.make_sample(plan_.root, f"{mask_name}_1.jpg").mask, data)
 
-        candidates = []
+        candidates = []  # (round, JPEG bytes, score or None); only the bytes are kept, not the images
         for r in range(1, rounds + 1):
             cancelling.check(cancel)
             step = None if callback is None else (lambda i, n, at=done: callback(at + i, total))
@@ -323,21 +321,18 @@ def write_pairs(sd, plan_: Plan, *, condition_vae=None, evaluator=None, callback
                                        resolution=plan_.settings.resolution, square=plan_.settings.square,
                                        condition_vae=condition_vae, callback=step, cancel=cancel)
             done += steps
-            candidates.append((r, *jpeg(composite)))
-        scores = [None] * rounds
-        kept = list(range(rounds))
-        if evaluator is not None:
-            decoded = torch.cat([c[2] for c in candidates])
-            scores = evaluator(decoded, mask.expand(rounds, -1, -1)).tolist()
-            kept = [min(range(rounds), key=lambda i: scores[i])]
+            data, decoded = jpeg(composite)
+            score = None if evaluator is None else float(evaluator(decoded, mask)[0])
+            candidates.append((r, data, score))
+        if evaluator is not None:  # the least harmonious candidate
+            candidates = [min(candidates, key=lambda c: c[2])]
         pair_rows = []
-        for i in kept:
-            r, data, _ = candidates[i]
+        for r, data, score in candidates:
             sample = ihd.make_sample(plan_.root, f"{mask_name}_{r}.jpg")
             _write_new(sample.composite, data)
             pair_rows.append({"composite": sample.composite.name, "mask": sample.mask.name, "real": sample.real.name,
                               "photo_source": str(pair.photo), "mask_source": str(pair.mask), "round": r,
-                              "seed": round_seed(seed, r), "score": "" if scores[i] is None else f"{scores[i]:.6f}"})
+                              "seed": round_seed(seed, r), "score": "" if score is None else f"{score:.6f}"})
         text = io.StringIO()
         csv.DictWriter(text, CSV_FIELDS, lineterminator="\n").writerows(pair_rows)
         _append(plan_.sources_path, text.getvalue())

@@ -306,3 +306,40 @@ def test_a_stopped_run_leaves_a_consistent_dataset(models_root, inverse_sd, tmp_
     with pytest.raises(InputError, match="already holds"):
         pairs.plan(photos, masks, out)
     shutil.rmtree(out)
+
+
+def test_ctrl_c_ends_the_command_with_130_and_says_what_is_listed(models_root, tmp_path, monkeypatch, capsys):
+    photos, masks = user_folders(tmp_path)
+    calls = []
+
+    def interrupted_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return make_composite(*args, **kwargs)
+
+    monkeypatch.setattr(pairs, "make_composite", interrupted_second_time)
+    out = tmp_path / "data"
+    assert pairs_cli.main(argv(photos, masks, out, models_root / "diffharmony" / "DiffHarmony")) == 130
+    err = capsys.readouterr().err
+    assert "HFlickr_train.txt names the 1 composite(s) finished" in err and err.rstrip().endswith("interrupted")
+    assert [s.name for s in ihd.list_split(out, "train", subsets="HFlickr")] == ["f1_1_1"]
+
+
+def test_condition_vae_decodes_the_composites(models_root, inverse_sd, tmp_path):
+    from comfyui_harmonize.pipelines.diffharmony.condition_vae import load_condition_vae
+
+    photos, masks = user_folders(tmp_path)
+    (masks / "my_cat.png").unlink()
+    (masks / "my_cat_left.png").unlink()
+    (photos / "my_cat.png").unlink()
+    archive = models_root / "diffharmony" / "DiffHarmony"
+    out = tmp_path / "data"
+    assert pairs_cli.main(argv(photos, masks, out, archive, "--condition-vae", str(archive / "condition_vae"))) == 0
+    (s,) = ihd.list_split(out, "train", subsets="HFlickr")
+    real, mask = image_io.load_image(s.real), image_io.load_mask(s.mask)
+    cvae = load_condition_vae(archive / "condition_vae")
+    with_cvae = make_composite(inverse_sd, real, mask, seed=0, steps=2, resolution=32, square=True, condition_vae=cvae)
+    plain = make_composite(inverse_sd, real, mask, seed=0, steps=2, resolution=32, square=True)
+    assert torch.equal(image_io.read_image(s.composite), jpeg_roundtrip(with_cvae))
+    assert not torch.equal(jpeg_roundtrip(with_cvae), jpeg_roundtrip(plain))
