@@ -80,7 +80,8 @@ def check_paths(args) -> None:
         problems.append(f"--evaluator {args.evaluator}: file not found (expected a harmony evaluator "
                         f".safetensors/.pth)")
     if problems:
-        raise InputError("\n  ".join(problems))
+        raise InputError(f"{len(problems)} problem(s) with the model paths, nothing was loaded:\n  "
+                         + "\n  ".join(problems))
 
 
 def run(args) -> tuple[pairs.Plan, list[dict]]:

@@ -137,6 +137,9 @@ def find_pairs(photos: str | os.PathLike, masks: str | os.PathLike) -> tuple[lis
     photos, masks = Path(photos), Path(masks)
     problems = [f"--{flag} {folder}: folder not found" for flag, folder in (("photos", photos), ("masks", masks))
                 if not folder.is_dir()]
+    if not problems and photos.resolve() == masks.resolve():
+        problems.append(f"--photos and --masks are the same folder {photos}: expected the masks in a folder of "
+                        f"their own (a mask named like its photo would be taken for a second photo)")
     if problems:
         return [], problems
     photo_files, mask_files = _image_files(photos), _image_files(masks)

@@ -110,6 +110,7 @@ def test_masks_go_to_the_photo_with_the_longest_matching_stem(tmp_path):
         ("a.jpg", "a.png"), ("a.jpg", "a_1.png"), ("a_b.png", "a_b.png"), ("a_b.png", "a_b_1.png"),
         ("zz.jpg", "zz_x_y.png")]
     assert len(problems) == 1 and "mask" in problems[0] and "b.png has no photo" in problems[0]
+    assert "same folder" in pairs.find_pairs(photos, photos)[1][0]
 
 
 # ------------------------------------------------------------------------------------------ end to end
