@@ -15,7 +15,8 @@ most "unharmonious" one is copied into ``composite_images/``. Here:
   an image suffix, and hidden files, are ignored. Everything is checked before any model is loaded
   (:func:`plan`): a photo without a mask, a mask without a photo, two photos with one stem, a mask whose
   size differs from its photo's (photo sizes from the file headers, EXIF rotation applied), an empty mask
-  (no pixel >= 0.5), an unreadable file; one InputError lists every problem.
+  (no pixel >= 0.5), an unreadable file; one InputError lists every problem. Photos are checked from their
+  headers, masks read whole: a photo cut short after a valid header stops the run when it is read.
 - **Names.** The user's names may hold "_" or start with any letter, which the iHarmony4 rules forbid, so
   every photo is renamed to the subset's letter and a running number in name order (``f1``, ``f2``...), its
   masks to ``f1_1``, ``f1_2``... in name order, and a composite of round ``r`` to ``f1_1_<r>``. The mapping
