@@ -54,12 +54,12 @@ def _single_channel(img: Image.Image, path, what: str) -> np.ndarray:
     raise InputError(f"{what} {path} is a float image with values up to {top:g}; expected 0..1 (or 0..255, 0..65535)")
 
 
-def read_image(path: str | os.PathLike) -> torch.Tensor:
+def read_image(path: str | os.PathLike, what: str = "image") -> torch.Tensor:
     """An image file as ``[H,W,3]`` float32 0..1: EXIF orientation applied, alpha dropped, grey expanded,
-    16-bit and float files scaled (see the module docstring)."""
-    img = _open(path, "image")
+    16-bit and float files scaled (see the module docstring). ``what`` names the file in errors."""
+    img = _open(path, what)
     if img.mode in HIGH_DEPTH_MODES:
-        grey = _single_channel(img, path, "image")
+        grey = _single_channel(img, path, what)
         return torch.from_numpy(np.repeat(grey[..., None], 3, axis=-1))
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)
 

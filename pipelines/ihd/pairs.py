@@ -14,9 +14,9 @@ most "unharmonious" one is copied into ``composite_images/``. Here:
   both ``a.jpg`` and ``a_b.jpg`` exist. A photo's masks are taken in name order. Files whose suffix is not
   an image suffix, and hidden files, are ignored. Everything is checked before any model is loaded
   (:func:`plan`): a photo without a mask, a mask without a photo, two photos with one stem, a mask whose
-  size differs from its photo's (photo sizes from the file headers, EXIF rotation applied), an empty mask
-  (no pixel >= 0.5), an unreadable file; one InputError lists every problem. Photos are checked from their
-  headers, masks read whole: a photo cut short after a valid header stops the run when it is read.
+  size differs from its photo's (EXIF rotation applied), an empty mask (no pixel >= 0.5), an unreadable or
+  truncated file (photos and masks are decoded whole here, one at a time); one InputError lists every
+  problem.
 - **Names.** The user's names may hold "_" or start with any letter, which the iHarmony4 rules forbid, so
   every photo is renamed to the subset's letter and a running number in name order (``f1``, ``f2``...), its
   masks to ``f1_1``, ``f1_2``... in name order, and a composite of round ``r`` to ``f1_1_<r>``. The mapping
@@ -174,8 +174,8 @@ def check_pairs(pairs: list[Pair]) -> list[str]:
     problems, sizes = [], {}
     for pair in pairs:
         if pair.photo not in sizes:
-            try:
-                sizes[pair.photo] = image_io.image_size(pair.photo, "photo")
+            try:  # decoded whole: a file cut short after a valid header must fail here, not mid-run
+                sizes[pair.photo] = tuple(image_io.read_image(pair.photo, "photo").shape[:2])
             except InputError as exc:
                 sizes[pair.photo] = None
                 problems.append(str(exc))

@@ -346,7 +346,7 @@ def test_condition_vae_decodes_the_composites(models_root, inverse_sd, tmp_path)
     assert not torch.equal(jpeg_roundtrip(with_cvae), jpeg_roundtrip(plain))
 
 
-def test_a_photo_cut_short_after_its_header_ends_the_run_cleanly(models_root, tmp_path, capsys):
+def test_a_photo_cut_short_after_its_header_is_refused_before_any_work(models_root, tmp_path, capsys):
     photos, masks = user_folders(tmp_path)
     Image.open(photos / "my_cat.png").save(photos / "my_cat.jpg", quality=95)
     (photos / "my_cat.png").unlink()
@@ -354,5 +354,5 @@ def test_a_photo_cut_short_after_its_header_ends_the_run_cleanly(models_root, tm
     (photos / "my_cat.jpg").write_bytes(data[:-200])  # the JPEG header (size) still reads
     out = tmp_path / "data"
     assert pairs_cli.main(argv(photos, masks, out, models_root / "diffharmony" / "DiffHarmony")) == 2
-    assert "cannot read image " + str(photos / "my_cat.jpg") in capsys.readouterr().err
-    assert [s.name for s in ihd.list_split(out, "train", subsets="HFlickr")] == ["f1_1_1"]
+    assert "cannot read photo " + str(photos / "my_cat.jpg") in capsys.readouterr().err
+    assert not out.exists()  # found by the checks: nothing was written
