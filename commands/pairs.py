@@ -9,8 +9,10 @@ A photo ``<stem>.<ext>`` in --photos has its masks in --masks named ``<stem>.<ex
 Each (photo, mask) gets --rounds composites, round r with seed --seed + r - 1; with --evaluator only the one
 it rates least harmonious is kept. Written: <out>/<Subset>/{real_images,masks,composite_images}/ with new
 names (f1.jpg, f1_1.png, f1_1_<r>.jpg for HFlickr), <Subset>_<split>.txt, and <Subset>_<split>_sources.csv
-mapping them to your files. Nothing is overwritten: an --out whose subset already holds a dataset is
-refused. A stopped run (Ctrl-C) leaves a consistent dataset: the list names only finished samples.
+mapping them to your files, and <Subset>_<split>_run.json recording the run. Nothing is overwritten: an
+--out whose subset already holds a dataset is refused. A stopped run (Ctrl-C) leaves a consistent dataset:
+the list names only finished samples; the same command with --resume finishes it (the same photos, masks,
+settings and models, checked against the record), giving what an uninterrupted run gives.
 
 Every input is checked before any model is loaded; a user error prints one message and exits with code 2
 (no traceback); an interrupted run exits with 130.
@@ -48,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", choices=SUBSETS, default=pairs.DEFAULT_SUBSET,
                    help="subset name (and so the names' first letter) to write under")
     p.add_argument("--split", choices=SPLITS, default="train")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped run recorded in --out (same photos, masks, settings and models)")
     p.add_argument("--inverse", required=True,
                    help="the DiffHarmony archive root (its inverse/ and base/) or its inverse/ folder")
     p.add_argument("--condition-vae", default=None,
@@ -89,7 +93,9 @@ def run(args) -> tuple[pairs.Plan, list[dict]]:
     device = check_device(args.device)
     settings = pairs.Settings(rounds=args.rounds, seed=args.seed, steps=args.steps, resolution=args.resolution,
                               square=args.fit == "square")
-    plan = pairs.plan(args.photos, args.masks, args.out, args.subset, args.split, settings)
+    models = {role: str(Path(path).resolve()) for role, path in
+              (("inverse", args.inverse), ("condition_vae", args.condition_vae), ("evaluator", args.evaluator)) if path}
+    plan = pairs.plan(args.photos, args.masks, args.out, args.subset, args.split, settings, models, args.resume)
     dtype = resolve_dtype(args.dtype, device)
     sd = load_inverse(args.inverse, dtype, tokenizer_dir=tokenizer_dir(args.tokenizer))
     for module in sd.modules().values():
@@ -105,7 +111,8 @@ def run(args) -> tuple[pairs.Plan, list[dict]]:
                                      callback=lambda i, n: bar.update(i - bar.n))
     except KeyboardInterrupt:
         print(f"{PROG}: {plan.root / plan.subset} is consistent: {plan.list_path.name} names the "
-              f"{pairs.listed(plan)} composite(s) finished (a new run needs a new --out)", file=sys.stderr)
+              f"{pairs.listed(plan)} composite(s) finished; the same command with --resume finishes the run",
+              file=sys.stderr)
         raise
     return plan, rows
 
@@ -119,7 +126,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    print(f"{len(rows)} composite(s) of {len(plan.pairs)} mask(s) written to {plan.root / plan.subset}\n"
+    print(f"{len(rows)} composite(s) written ({pairs.listed(plan)} listed in all) for {len(plan.pairs)} mask(s) "
+          f"to {plan.root / plan.subset}\n"
           f"list: {plan.list_path}\nsources: {plan.sources_path}\n"
           f"train with: --data {plan.root} --subsets {plan.subset}")
     return 0

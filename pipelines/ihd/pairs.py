@@ -34,17 +34,23 @@ most "unharmonious" one is copied into ``composite_images/``. Here:
   authors keep their classifier's highest "unharmony" probability), scored on the JPEG as written; the kept
   file keeps its round number. The authors group candidates by photo, so they keep one composite per photo;
   here one per (photo, mask). Without an evaluator every round is kept.
-- **Never overwrites; interrupt-safe.** It refuses a ``<root>/<Subset>`` that already holds files of the
-  dataset (its three folders, its list, its sources CSV), and a root holding ``IHD_<split>.txt`` (the reader
-  would take that list and never see the new one). Every file is created exclusively. A pair's lines are
-  appended to the sources CSV and then to ``<Subset>_<split>.txt`` only after all its files are written, so
-  a run stopped at any moment leaves a dataset whose list names only complete samples (files of the pair
-  being written when it stopped may be left on disk, unlisted; the reader ignores them).
+- **Never overwrites; interrupt-safe; resumable.** It refuses a ``<root>/<Subset>`` that already holds files
+  of the dataset (its three folders, its list, its sources CSV, its run record), and a root holding
+  ``IHD_<split>.txt`` (the reader would take that list and never see the new one). Every file is created
+  exclusively. A pair's lines are appended to the sources CSV and then to ``<Subset>_<split>.txt`` only
+  after all its files are written, so a run stopped at any moment leaves a dataset whose list names only
+  complete samples (files of the pair being written when it stopped may be left on disk, unlisted; the
+  reader ignores them). ``<Subset>_<split>_run.json`` records the run's pairs, settings and models;
+  ``resume=True`` continues a stopped run when they are the same: the pairs the list names are kept as they
+  are, the unlisted files of the others (this command's own, at the names it gives them) are replaced, and
+  the CSV keeps only listed rows; the result equals an uninterrupted run's.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +113,17 @@ class Plan:
     subset: str
     split: str
     settings: Settings
+    models: tuple[tuple[str, str], ...] = ()  # what made the composites, (role, path), for the run record
+    resume: bool = False
+
+    @property
+    def record_path(self) -> Path:
+        return record_file(self.root, self.split, self.subset)
+
+    def record(self) -> dict:
+        """What a resumed run must repeat exactly: the pairs, the settings, the models."""
+        return {"pairs": [[str(p.photo.resolve()), str(p.mask.resolve())] for p in self.pairs],
+                "settings": dataclasses.asdict(self.settings), "models": dict(self.models)}
 
     @property
     def list_path(self) -> Path:
@@ -120,6 +137,12 @@ class Plan:
 def sources_file(root: str | os.PathLike, split: str, subset: str) -> Path:
     """The CSV mapping the written names to the user's files: ``<root>/<Subset>/<Subset>_<split>_sources.csv``."""
     return Path(root) / subset / f"{subset}_{split}_sources.csv"
+
+
+def record_file(root: str | os.PathLike, split: str, subset: str) -> Path:
+    """The run record (pairs, settings, models) a resumed run is checked against:
+    ``<root>/<Subset>/<Subset>_<split>_run.json``."""
+    return Path(root) / subset / f"{subset}_{split}_run.json"
 
 
 def round_seed(seed: int, round_: int) -> int:
@@ -196,7 +219,8 @@ def check_pairs(pairs: list[Pair]) -> list[str]:
 def dataset_files(root: str | os.PathLike, subset: str, split: str) -> list[Path]:
     """Files of an iHarmony4 dataset already at ``root`` that a new subset ``subset`` would clash with."""
     base = Path(root) / subset
-    found = [p for p in (ihd.list_file(root, split, subset), sources_file(root, split, subset)) if p.exists()]
+    found = [p for p in (ihd.list_file(root, split, subset), sources_file(root, split, subset),
+                         record_file(root, split, subset)) if p.exists()]
     for name in (ihd.COMPOSITE_DIR, ihd.MASK_DIR, ihd.REAL_DIR):
         folder = base / name
         if folder.is_dir():
@@ -206,7 +230,7 @@ def dataset_files(root: str | os.PathLike, subset: str, split: str) -> list[Path
     return found
 
 
-def check_output(root: str | os.PathLike, subset: str, split: str) -> list[str]:
+def check_output(root: str | os.PathLike, subset: str, split: str, resume: bool = False) -> list[str]:
     root = Path(root)
     if subset not in ihd.SUBSETS:
         return [f"unknown subset {subset!r}: expected one of {', '.join(ihd.SUBSETS)}"]
@@ -222,26 +246,51 @@ def check_output(root: str | os.PathLike, subset: str, split: str) -> list[str]:
     if ihd.list_file(root, split).exists():
         return [f"--out {root} holds {ihd.list_file(root, split).name}, which the dataset reader takes instead of the "
                 f"per-subset lists, so the new {subset}/{subset}_{split}.txt would never be read: choose a new --out"]
+    if resume:
+        return [] if record_file(root, split, subset).is_file() else [
+            f"--resume: nothing to resume in {root / subset}: expected {record_file(root, split, subset).name}, "
+            f"written there by the run to continue"]
     clash = dataset_files(root, subset, split)
     if clash:
         return [f"--out {root} already holds an iHarmony4 {subset} dataset (found {', '.join(map(str, clash))}); "
-                f"nothing is overwritten: choose a new --out folder (or another --subset)"]
+                f"nothing is overwritten: continue a stopped run with --resume, or choose a new --out folder (or "
+                f"another --subset)"]
     return []
 
 
 def plan(photos: str | os.PathLike, masks: str | os.PathLike, root: str | os.PathLike,
-         subset: str = DEFAULT_SUBSET, split: str = "train", settings: Settings = Settings()) -> Plan:
-    """Every check that needs no model, before any work; one InputError lists all problems."""
+         subset: str = DEFAULT_SUBSET, split: str = "train", settings: Settings = Settings(),
+         models: dict | None = None, resume: bool = False) -> Plan:
+    """Every check that needs no model, before any work; one InputError lists all problems. ``models``
+    (role -> path) is recorded with the run; ``resume`` continues the run recorded at ``root`` (the same
+    pairs, settings and models, or an error saying what differs)."""
     problems = settings.problems()
     pairs, found = find_pairs(photos, masks)
     problems += found
     problems += check_pairs(pairs)
-    problems += check_output(root, subset, split)
+    problems += check_output(root, subset, split, resume)
+    result = Plan(tuple(pairs), Path(root), subset, split, settings,
+                  tuple(sorted((str(k), str(v)) for k, v in (models or {}).items())), resume)
+    if resume and not problems:
+        problems += resume_problems(result)
     if problems:
         shown = "\n  ".join(problems[:SHOWN_PROBLEMS])
         more = f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
         raise InputError(f"{len(problems)} problem(s) with the input, nothing was written:\n  {shown}{more}")
-    return Plan(tuple(pairs), Path(root), subset, split, settings)
+    return result
+
+
+def resume_problems(plan_: Plan) -> list[str]:
+    """What differs between ``plan_`` and the run recorded where it would continue."""
+    try:
+        old = json.loads(plan_.record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [f"--resume: cannot read {plan_.record_path}: {exc}"]
+    new = plan_.record()
+    differ = [k for k in new if old.get(k) != new[k]]
+    return [f"--resume: the {k} differ from those of the run recorded in {plan_.record_path} (recorded: "
+            f"{json.dumps(old.get(k))[:300]}; now: {json.dumps(new[k])[:300]}); a resumed run must repeat them"
+            for k in differ]
 
 
 def listed(plan_: Plan) -> int:
@@ -286,36 +335,76 @@ def _append(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def _start(plan_: Plan) -> set[str]:
+    """Create the run's folders, record, list and CSV; or, resuming, read what the stopped run finished: the
+    names of the masks whose composites the list names (the CSV is cut to the listed rows)."""
+    for name in (ihd.COMPOSITE_DIR, ihd.MASK_DIR, ihd.REAL_DIR):
+        (plan_.root / plan_.subset / name).mkdir(parents=True, exist_ok=True)
+    header = io.StringIO()
+    csv.writer(header, lineterminator="\n").writerow(CSV_FIELDS)
+    if not plan_.resume:
+        _write_new(plan_.record_path, json.dumps(plan_.record(), indent=1).encode("utf-8"))
+        _write_new(plan_.list_path, b"")
+        _write_new(plan_.sources_path, header.getvalue().encode("utf-8"))
+        return set()
+    if not plan_.list_path.exists():
+        _write_new(plan_.list_path, b"")
+    listed_names = set(plan_.list_path.read_text(encoding="utf-8").split())
+    rows = []
+    if plan_.sources_path.exists():  # rows of a pair stopped between the CSV and the list are dropped
+        with open(plan_.sources_path, newline="", encoding="utf-8") as f:
+            rows = [row for row in csv.DictReader(f) if row["composite"] in listed_names]
+    text = io.StringIO()
+    csv.DictWriter(text, CSV_FIELDS, lineterminator="\n").writerows(rows)
+    tmp = plan_.sources_path.with_name(plan_.sources_path.name + ".tmp")
+    tmp.write_text(header.getvalue() + text.getvalue(), encoding="utf-8")
+    os.replace(tmp, plan_.sources_path)
+    return {Path(name).stem.rsplit("_", 1)[0] for name in listed_names}
+
+
+def _write_unlisted(path: Path, data: bytes, resume: bool) -> None:
+    """A file of a pair the list does not name yet: a stopped run may have left one there (its own, at this
+    name, unlisted); a resumed run replaces it."""
+    if resume and path.is_file():
+        path.unlink()
+    _write_new(path, data)
+
+
 def write_pairs(sd, plan_: Plan, *, condition_vae=None, evaluator=None, callback=None,
                 cancel: cancelling.Cancel = None) -> list[dict]:
     """Write the dataset of ``plan_`` with the inverse model ``sd`` (and ``condition_vae`` to decode with, and
     ``evaluator`` to keep the least harmonious candidate; see the module docstring); returns the rows
-    written to the sources CSV. ``callback(step, total)`` after every sampler step of every round; ``cancel``
-    is checked inside every stage (a cancelled run leaves a consistent dataset)."""
+    written to the sources CSV by this call. ``callback(step, total)`` after every sampler step of every
+    round; ``cancel`` is checked inside every stage (a cancelled run leaves a consistent dataset). A plan
+    made with ``resume`` skips the pairs the list names and does the rest."""
     rounds, seed, steps = plan_.settings.rounds, plan_.settings.seed, plan_.settings.steps
     letter = ihd.SUBSET_TO_PREFIX[plan_.subset]
-    base = plan_.root / plan_.subset
-    for name in (ihd.COMPOSITE_DIR, ihd.MASK_DIR, ihd.REAL_DIR):
-        (base / name).mkdir(parents=True, exist_ok=True)
-    _write_new(plan_.list_path, b"")
-    header = io.StringIO()
-    csv.writer(header, lineterminator="\n").writerow(CSV_FIELDS)
-    _write_new(plan_.sources_path, header.getvalue().encode("utf-8"))
+    finished = _start(plan_)
+    finished_images = {name.split("_")[0] for name in finished}
 
     total, done = len(plan_.pairs) * rounds * steps, 0
     photo, image_name, real, k, photos = None, "", None, 0, 0
     rows = []
     for pair in plan_.pairs:  # grouped by photo (find_pairs)
         if pair.photo != photo:
-            photo, k, photos = pair.photo, 0, photos + 1
+            photo, k, photos, real = pair.photo, 0, photos + 1, None
             image_name = f"{letter}{photos}"
-            data, real = jpeg(image_io.read_image(photo))
-            # every path is named by the dataset's own rule from a composite name
-            _write_new(ihd.make_sample(plan_.root, f"{image_name}_1_1.jpg").real, data)
         k += 1
         mask_name = f"{image_name}_{k}"
+        if mask_name in finished:
+            done += rounds * steps
+            if callback is not None:
+                callback(done, total)
+            continue
+        # every path is named by the dataset's own rule from a composite name
+        real_path = ihd.make_sample(plan_.root, f"{image_name}_1_1.jpg").real
+        if real is None and image_name in finished_images:  # listed already: read back as written
+            real = image_io.read_image(real_path)[None]
+        elif real is None:
+            data, real = jpeg(image_io.read_image(photo))
+            _write_unlisted(real_path, data, plan_.resume)
         data, mask = png(image_io.read_mask(pair.mask))
-        _write_new(ihd.make_sample(plan_.root, f"{mask_name}_1.jpg").mask, data)
+        _write_unlisted(ihd.make_sample(plan_.root, f"{mask_name}_1.jpg").mask, data, plan_.resume)
 
         candidates = []  # (round, JPEG bytes, score or None); only the bytes are kept, not the images
         for r in range(1, rounds + 1):
@@ -333,7 +422,7 @@ def write_pairs(sd, plan_: Plan, *, condition_vae=None, evaluator=None, callback
         pair_rows = []
         for r, data, score in candidates:
             sample = ihd.make_sample(plan_.root, f"{mask_name}_{r}.jpg")
-            _write_new(sample.composite, data)
+            _write_unlisted(sample.composite, data, plan_.resume)
             pair_rows.append({"composite": sample.composite.name, "mask": sample.mask.name, "real": sample.real.name,
                               "photo_source": str(pair.photo), "mask_source": str(pair.mask), "round": r,
                               "seed": round_seed(seed, r), "score": "" if score is None else f"{score:.6f}"})

@@ -309,6 +309,65 @@ def test_a_stopped_run_leaves_a_consistent_dataset(models_root, inverse_sd, tmp_
     shutil.rmtree(out)
 
 
+def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_finishes_a_stopped_run_as_an_uninterrupted_run_would(models_root, tmp_path, monkeypatch, capsys):
+    """Stopped in the middle of the second photo's first mask (its photo, mask and first candidate already on
+    disk, unlisted; its CSV rows appended but not its list line), then --resume: byte for byte the dataset an
+    uninterrupted run writes, the CSV with one row per listed composite."""
+    photos, masks = user_folders(tmp_path)
+    archive = models_root / "diffharmony" / "DiffHarmony"
+    more = ("--rounds", "2", "--seed", "3")
+    whole = tmp_path / "whole"
+    assert pairs_cli.main(argv(photos, masks, whole, archive, *more)) == 0
+
+    real_append = pairs._append
+
+    def stop_between_csv_and_list(path, text):  # the narrowest window: after the CSV rows of pair 2
+        real_append(path, text)
+        if path.name.endswith("_sources.csv") and "f2_1_1.jpg" in text:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pairs, "_append", stop_between_csv_and_list)
+    out = tmp_path / "data"
+    assert pairs_cli.main(argv(photos, masks, out, archive, *more)) == 130
+    monkeypatch.setattr(pairs, "_append", real_append)
+    assert [s.name for s in ihd.list_split(out, "train", subsets="HFlickr")] == ["f1_1_1", "f1_1_2"]
+    assert (out / "HFlickr" / "composite_images" / "f2_1_1.jpg").is_file()  # left over, unlisted
+    assert len(read_sources(out)) == 4  # the stopped pair's rows made it into the CSV
+    capsys.readouterr()
+
+    with pytest.raises(InputError, match="already holds"):  # without --resume: refused, as before
+        pairs.plan(photos, masks, out)
+    assert pairs_cli.main(argv(photos, masks, out, archive, *more, "--resume")) == 0
+    assert "written (6 listed in all)" in capsys.readouterr().out
+    assert tree(out) == tree(whole)
+    assert [r["composite"] for r in read_sources(out)] == [r["composite"] for r in read_sources(whole)]
+
+
+def test_resume_refuses_other_settings_pairs_or_models_and_a_folder_without_a_run(written, models_root, tmp_path,
+                                                                                  monkeypatch, capsys):
+    photos, masks, out = written
+    archive = models_root / "diffharmony" / "DiffHarmony"
+    before = tree(out)
+    no_model_load(monkeypatch)
+    for extra, what in ((("--rounds", "3", "--seed", "7"), "settings differ"),
+                        (("--rounds", "2", "--seed", "8"), "settings differ"),
+                        (("--rounds", "2", "--seed", "7", "--condition-vae", str(archive / "condition_vae")),
+                         "models differ")):
+        assert pairs_cli.main(argv(photos, masks, out, archive, *extra, "--resume")) == 2
+        assert what in capsys.readouterr().err
+    save_mask(masks / "beach_2.png", 48, 40, (2, 2, 20, 20))  # one more mask: other pairs
+    assert pairs_cli.main(argv(photos, masks, out, archive, "--rounds", "2", "--seed", "7", "--resume")) == 2
+    assert "pairs differ" in capsys.readouterr().err
+    (masks / "beach_2.png").unlink()
+    assert tree(out) == before  # nothing touched
+    assert pairs_cli.main(argv(photos, masks, tmp_path / "empty", archive, "--resume")) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
 def test_ctrl_c_ends_the_command_with_130_and_says_what_is_listed(models_root, tmp_path, monkeypatch, capsys):
     photos, masks = user_folders(tmp_path)
     calls = []
@@ -323,7 +382,8 @@ def test_ctrl_c_ends_the_command_with_130_and_says_what_is_listed(models_root, t
     out = tmp_path / "data"
     assert pairs_cli.main(argv(photos, masks, out, models_root / "diffharmony" / "DiffHarmony")) == 130
     err = capsys.readouterr().err
-    assert "HFlickr_train.txt names the 1 composite(s) finished" in err and err.rstrip().endswith("interrupted")
+    assert "HFlickr_train.txt names the 1 composite(s) finished; the same command with --resume" in err
+    assert err.rstrip().endswith("interrupted")
     assert [s.name for s in ihd.list_split(out, "train", subsets="HFlickr")] == ["f1_1_1"]
 
 
