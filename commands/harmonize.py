@@ -36,7 +36,7 @@ from ..pipelines.core.dtypes import DTYPES, resolve_dtype
 from ..pipelines.core.errors import InputError, WeightsError
 from ..pipelines.diffharmony import pipeline as dh
 from ..pipelines.diffharmony.build import build_diffharmony
-from .common import DTYPE_HELP, fail, tokenizer_dir
+from .common import DTYPE_HELP, check_device, fail, tokenizer_dir
 
 METHODS = ("diffharmony", "color-match")
 DECODERS = ("vae", "condition-vae")
@@ -116,26 +116,6 @@ def largest_resolution(free_bytes: int, aspect: float) -> int:
     aspect ratio ``aspect`` (long side / short side >= 1)."""
     long_side = math.sqrt(free_bytes / BYTES_PER_WORKING_PIXEL * aspect)
     return max(0, int(long_side) // 8 * 8)
-
-
-def check_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name!r} is not a device; expected cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: CUDA is not available here (this torch has no CUDA or sees no "
-                             f"GPU); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s) "
-                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-    elif device.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise InputError(f"--device {name}: Apple MPS is not available here; use --device cpu")
-    elif device.type != "cpu":
-        raise InputError(f"--device {name}: expected cpu, cuda, cuda:N or mps")
-    return device
 
 
 def check_output(args, folder_mode: bool) -> None:

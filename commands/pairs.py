@@ -34,8 +34,7 @@ from ..pipelines.diffharmony.inverse import load_inverse
 from ..pipelines.evaluation.evaluator import load_evaluator
 from ..pipelines.ihd import pairs
 from ..pipelines.ihd.dataset import SPLITS, SUBSETS
-from .common import DTYPE_HELP, fail, tokenizer_dir
-from .harmonize import check_device
+from .common import DTYPE_HELP, check_device, fail, tokenizer_dir
 
 PROG = "harmonize-make-pairs"
 FITS = ("square", "keep-aspect")
